@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Set-up is idempotent: .venv/.installed is rebuilt only when pyproject.toml changes.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# llama.cpp's native build segfaults on AMX Xeons for batches > 1 token (llama.cpp#20824).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export FORCE_CMAKE := 1
+
+.PHONY: demo test setup clean-venv
+
+demo: $(STAMP)
+	$(BIN)/tunebook plan recipes/quickstart.yaml
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, from its CPU wheel, so nothing later pulls a multi-GB CUDA build.
+# Elsewhere: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" make setup
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Debian's chromium for the browser tests (never `playwright install`).
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+clean-venv:
+	rm -rf $(VENV)
