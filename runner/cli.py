@@ -96,6 +96,11 @@ def plan_cmd(recipe_path: RecipeArg, set_: SetOpt = None,
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
 
 
+from .cli_train import train as _train_cmd  # noqa: E402
+
+app.command("train")(_train_cmd)
+
+
 def main() -> None:
     """Entry point: run the app, turn user errors into a message and exit status 2."""
     try:

@@ -1,0 +1,58 @@
+"""metrics.jsonl: one line per training log or evaluation, appended durably, trimmed on resume so a
+resumed stage has no duplicate and no missing step."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+FIELDS = ("step", "epoch", "loss", "eval_loss", "eval_ppl", "learning_rate", "grad_norm", "tokens_seen", "seconds")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete rows; a half-written last line (a killed run) is ignored."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends rows with fsync; `trim(step)` keeps only rows up to a checkpoint's step (atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict) -> None:
+        row = {k: _clean(row[k]) for k in FIELDS if k in row and row[k] is not None}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def trim(self, last_step: int) -> list[dict]:
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= last_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return kept
+
+    def last(self, key: str) -> float:
+        """The latest value of a cumulative counter (tokens_seen, seconds), 0 when absent."""
+        for row in reversed(read_metrics(self.path)):
+            if row.get(key) is not None:
+                return row[key]
+        return 0

@@ -1,0 +1,183 @@
+"""Load a base model for a stage and put the stage's LoRA adapter on it.
+
+The three stage inits:
+- fresh:    base + a new adapter;
+- continue: base + the previous stage's adapter, trainable (the adapter keeps learning);
+- merge:    base with the previous adapters merged in + a new adapter.
+`lineage` (the adapters merged into the base before this stage's adapter) is saved with every stage,
+so export can rebuild the exact model.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import TunebookError
+from .package_model import PREFIX, materialize
+from .recipe import LoraConfig, ModelConfig
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run natively (and much faster than fp32 with AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    """`dtype: auto` -> bf16 where the hardware runs it natively, else fp16 on GPU, fp32 on CPU."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def _looks_like_path(base: str) -> bool:
+    return base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep == "\\" and "\\" in base
+
+
+def resolve_base(cfg: ModelConfig, log=print) -> str:
+    """The base as something `from_pretrained` takes: a local folder or a hub id. Fails early and clearly."""
+    base = cfg.base
+    if base.startswith(PREFIX):
+        return str(materialize(base, log))
+    path = Path(base).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return str(path)
+        if not (path / "config.json").is_file():
+            raise TunebookError(f"model.base: {path} is not a model folder (no config.json)\n"
+                                "    fix: point base at a folder saved with save_pretrained, a .gguf file, or a hub id")
+        return str(path)
+    if _looks_like_path(base) or base.endswith(".gguf"):
+        raise TunebookError(f"model.base: local path {path} does not exist\n    fix: check the path (relative to "
+                            "the current directory)")
+    return _check_hub(base, cfg.revision)
+
+
+def _check_hub(repo_id: str, revision: str | None) -> str:
+    """A hub id is usable if it is in the local cache or the hub answers; say which fix applies if not."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["config.json"])
+        return repo_id
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if offline:
+        raise TunebookError(f"model.base: '{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set\n"
+                            f"    fix: download it where there is network (`hf download {repo_id}`) and copy the "
+                            "cache, or set model.base to a local folder or a package:<module>")
+    try:
+        snapshot_download(repo_id, revision=revision, allow_patterns=["config.json"], etag_timeout=10)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise TunebookError(f"model.base: cannot fetch '{repo_id}' from the hub ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})\n    fix: check the id and your network or token "
+                            "(gated models need `hf auth login`), or use a local folder") from None
+    return repo_id
+
+
+def estimate_bytes(model_ref: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(parameter count, bytes the frozen weights take) from the config alone, without loading weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_ref.endswith(".gguf"):
+        size = Path(model_ref).stat().st_size
+        return size, size * 4  # dequantized to fp32
+    config = AutoConfig.from_pretrained(model_ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    n = sum(p.numel() for p in empty.parameters())
+    per_param = 0.55 if cfg.load_in_4bit else 1.0 if cfg.load_in_8bit else torch.finfo(dtype).bits / 8
+    return n, int(n * per_param)
+
+
+def check_fits(model_ref: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Refuse, before loading, a model whose weights alone would not fit in the memory available."""
+    import psutil
+
+    n, need = estimate_bytes(model_ref, cfg, dtype)
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        where = "GPU memory"
+    else:
+        free = psutil.virtual_memory().available
+        where = "RAM"
+    # weights + ~30% for activations, adapter and optimizer state on a LoRA run
+    if need * 1.3 > free:
+        raise TunebookError(
+            f"model.base: {model_ref} ({n / 1e9:.2f}B parameters) needs about {need * 1.3 / 2**30:.1f} GiB of {where} "
+            f"for training, {free / 2**30:.1f} GiB is available\n"
+            "    fix: set model.load_in_4bit: true, pick a smaller base, or use a machine with more memory")
+
+
+def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training: bool = True):
+    """The frozen base model, in `dtype` or quantized (4-bit nf4 / 8-bit) through bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if model_ref.endswith(".gguf"):
+        path = Path(model_ref)
+        model_ref, kwargs["gguf_file"] = str(path.parent), path.name
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise TunebookError("model.load_in_4bit/8bit needs bitsandbytes, which is not installed\n"
+                                "    fix: pip install bitsandbytes, or set load_in_4bit: false") from None
+        if cfg.load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or torch.cuda.is_available() else torch.float32)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        model.to(device())
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def build_stage_model(base_model, init: str, lora: LoraConfig, previous_adapter: Path | None,
+                      lineage: list[Path], quantized: bool, gradient_checkpointing: bool):
+    """Put this stage's trainable adapter on the base, following `init`. Returns (model, new lineage)."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=gradient_checkpointing)
+    for adapter in lineage:  # adapters merged into the base by earlier `merge` stages
+        base_model = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
+    if init == "continue":
+        model = PeftModel.from_pretrained(base_model, str(previous_adapter), is_trainable=True)
+        return model, list(lineage)
+    if init == "merge":
+        base_model = PeftModel.from_pretrained(base_model, str(previous_adapter)).merge_and_unload()
+        lineage = list(lineage) + [previous_adapter]
+    else:
+        lineage = []
+    return get_peft_model(base_model, lora_config(lora)), lineage

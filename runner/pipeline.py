@@ -1,0 +1,133 @@
+"""A recipe's stages in order, in one run directory: finished stages are skipped, an unfinished one
+resumes from its last checkpoint, and everything that can fail cheaply fails before training starts."""
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from . import atomic
+from .errors import TunebookError
+from .recipe import Recipe
+from .resolved import resolved_yaml
+from .train import StageOutcome, run_stage
+
+
+class Interrupted(TunebookError):
+    exit_code = 130
+
+
+def _main_first():
+    """Rank 0 first (data cache, model conversion), then the other ranks read what it wrote."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState().main_process_first()
+    return nullcontext()
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    """Create the run directory (or check an existing one belongs to this recipe) and record the recipe."""
+    run_dir = recipe.run_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise TunebookError(f"output_dir: cannot write to {run_dir} ({exc.strerror})\n"
+                            "    fix: set output_dir to a folder you can write to (--set output_dir=...)") from None
+    resolved = resolved_yaml(recipe)
+    previous = run_dir / "recipe.yaml"
+    started = any((run_dir / s.name).exists() for s in recipe.stages)
+    if previous.is_file() and started and previous.read_text() != resolved:
+        raise TunebookError(f"{run_dir} holds a run of a different version of recipe '{recipe.name}'; resuming it "
+                            "with other settings would mix two experiments\n"
+                            f"    fix: give this run its own name (--set name={recipe.name}-2) or delete {run_dir}")
+    if _is_main():
+        atomic.write_text(previous, resolved)
+        atomic.write_text(run_dir / "recipe.resolved.yaml", resolved_yaml(recipe, provenance=True))
+    return run_dir
+
+
+def load_tokenizer(model_ref: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    if model_ref.endswith(".gguf"):
+        path = Path(model_ref)
+        model_ref, kwargs["gguf_file"] = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(model_ref, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> list[StageOutcome]:
+    """Run the recipe's stages (or one of them) and return their outcomes."""
+    from .data import make_collator, prepare_stage
+    from .model import build_stage_model, check_fits, load_base, resolve_base, resolve_dtype
+
+    if only_stage is not None:
+        recipe.stage(only_stage)  # a clear error for an unknown name
+    run_dir = prepare_run_dir(recipe)
+    with _main_first():
+        model_ref = resolve_base(recipe.model, log)
+    dtype = resolve_dtype(recipe.model)
+    check_fits(model_ref, recipe.model, dtype)
+    tokenizer = load_tokenizer(model_ref, recipe)
+
+    outcomes: dict[str, StageOutcome] = {}
+    todo = []
+    for i, stage in enumerate(recipe.stages):
+        done = StageOutcome.load(run_dir / stage.name)
+        if done and done.status == "done":
+            outcomes[stage.name] = done
+            continue
+        if only_stage and stage.name != only_stage:
+            continue
+        if i > 0 and stage.init != "fresh" and recipe.stages[i - 1].name not in outcomes and \
+                (only_stage or not todo):
+            raise TunebookError(f"stage {stage.name} starts from stage {recipe.stages[i - 1].name}, which has not "
+                                f"finished\n    fix: train it first (tunebook train RECIPE --stage "
+                                f"{recipe.stages[i - 1].name}) or run all stages")
+        todo.append(stage)
+
+    # Data first, for every stage to train: a dataset with no trainable token fails before any training.
+    prepared = {}
+    for stage in todo:
+        with _main_first():
+            prepared[stage.name] = prepare_stage(recipe, stage, tokenizer, log=log)
+
+    autocast_bf16 = str(dtype).endswith("bfloat16") if recipe.stages[0].train.bf16 == "auto" else False
+    for stage in todo:
+        i = recipe.stages.index(stage)
+        previous = outcomes.get(recipe.stages[i - 1].name) if i > 0 else None
+        t = stage.train
+        bf16 = autocast_bf16 if t.bf16 == "auto" else bool(t.bf16)
+        log(f"stage {stage.name}: init {stage.init}, base {recipe.model.base}, dtype {str(dtype).split('.')[-1]}"
+            f"{' + bf16 autocast' if bf16 else ''}")
+        base = load_base(model_ref, recipe.model, dtype)
+        model, lineage = build_stage_model(
+            base, stage.init, recipe.lora, Path(previous.adapter) if previous else None,
+            [Path(p) for p in previous.lineage] if previous else [],
+            quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
+            gradient_checkpointing=t.gradient_checkpointing)
+        collator = make_collator(tokenizer, t.packing, recipe.model.max_seq_length)
+        outcome = run_stage(recipe, stage, run_dir / stage.name, model, tokenizer, prepared[stage.name], collator,
+                            [str(p) for p in lineage], bf16, log=log)
+        del model, base
+        gc.collect()
+        if outcome.status == "interrupted":
+            raise Interrupted(f"interrupted at step {outcome.steps} of stage {stage.name}; a checkpoint is saved\n"
+                              "    to resume: run the same command again")
+        outcomes[stage.name] = outcome
+        log(f"stage {stage.name}: done in {outcome.steps} steps"
+            + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if outcome.best_eval_ppl else "")
+            + f"; adapter in {outcome.adapter}")
+    return [outcomes[s.name] for s in recipe.stages if s.name in outcomes]

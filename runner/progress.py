@@ -1,0 +1,69 @@
+"""A progress bar per stage: loss, last eval perplexity, trained tokens/s and ETA. Without a terminal
+(CI, logs piped to a file) it prints one line per logging step instead."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class StageProgress:
+    def __init__(self, name: str, total: int | None, log=print):
+        self.name = name
+        self.log_fn = log
+        self.console = Console(stderr=True)
+        self.bar: Progress | None = None
+        self.task = None
+        self.loss = self.ppl = None
+        self.tokens_per_s = 0.0
+        self._t0 = time.perf_counter()
+        self._tokens0 = None
+
+    def start(self, total: int | None, initial: int, where: str) -> None:
+        self.log_fn(f"stage {self.name}: training on {where}" + (f", {total} steps" if total else ""))
+        if not self.console.is_terminal:
+            return
+        self.bar = Progress(
+            TextColumn(f"[bold]{self.name}[/bold]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task(self.name, total=total, completed=initial, status="")
+
+    def _status(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3f}")
+        if self.ppl is not None:
+            parts.append(f"eval ppl {self.ppl:.2f}")
+        if self.tokens_per_s:
+            parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+        return " · ".join(parts)
+
+    def step(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, status=self._status())
+
+    def log(self, row: dict) -> None:
+        if row.get("loss") is not None:
+            self.loss = row["loss"]
+        if row.get("eval_ppl") is not None:
+            self.ppl = row["eval_ppl"]
+        now = time.perf_counter()
+        if self._tokens0 is None:
+            self._tokens0, self._t0 = row.get("tokens_seen", 0), now
+        elif now > self._t0:
+            self.tokens_per_s = (row.get("tokens_seen", 0) - self._tokens0) / (now - self._t0)
+        if self.bar is not None:
+            self.bar.update(self.task, status=self._status())
+        else:
+            eval_part = f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_ppl']:.3f}" if row.get("eval_loss") is not None else ""
+            loss_part = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
+            self.log_fn(f"  {self.name} step {row['step']}:{loss_part}{eval_part}"
+                        f" ({self.tokens_per_s:,.0f} tok/s, {row.get('seconds', 0):.0f} s)")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
