@@ -209,6 +209,7 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
                 control.should_save = True
                 control.should_training_stop = True
 
+    report = Report()
     trainer = StageTrainer(
         model=model,
         args=sft_config(recipe, stage, stage_dir, autocast_bf16),
@@ -216,9 +217,9 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.val[:1]) if data.val else None,
         processing_class=tokenizer,
-        callbacks=[Report()],
+        callbacks=[report],
     )
-    trainer.report = trainer.callback_handler.callbacks[-1]
+    trainer.report = report
     trainer.remove_callback(PrinterCallback)  # our own progress replaces its printed dicts
     return trainer
 
