@@ -266,6 +266,26 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", 0) or 0)
+
+
+def ensure_fused_head(model) -> bool:
+    """Give the (base) model trl's fused LM head unless it has one; False when trl cannot patch it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.forward, "__func__", None) is not None and base.forward.__func__ is not type(base).forward:
+        return True  # patched already (SFTTrainer does it when training starts)
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(base)
+    except Exception:  # an architecture trl does not know: score through full logits
+        return False
+    return True
+
+
 def evaluate_torch(
     model,
     examples: Sequence[dict],
@@ -276,6 +296,7 @@ def evaluate_torch(
     progress: bool = True,
     pad_id: int | None = None,
     shard: bool = True,
+    fused: bool | None = None,
 ) -> EvalResult:
     """Perplexity of any causal LM on examples of {"input_ids", "labels"} (labels optional).
 
@@ -285,6 +306,9 @@ def evaluate_torch(
     nor scored; it defaults to the model's pad token, or 0. With ``shard`` (the default) and
     torch.distributed initialized, each rank scores ``examples[rank::world_size]``; pass
     ``shard=False`` when each rank already holds its own share. Totals are always all-reduced.
+    ``fused`` scores through a fused LM head (trl's ``add_fused_lm_head``: log-probabilities of the
+    scored tokens only, in tiles, never the whole (batch, length, vocab) logits); ``None`` uses it for
+    vocabularies over 32k tokens (Gemma 3: 262k), where full logits dominate memory and time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -302,6 +326,7 @@ def evaluate_torch(
     rows.sort(key=lambda r: len(r["input_ids"]), reverse=True)
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     device = _model_device(model)
+    use_fused = ensure_fused_head(model) if fused or (fused is None and _vocab_size(model) > 32_000) else False
     was_training = model.training
     model.eval()
     try:
@@ -309,12 +334,18 @@ def evaluate_torch(
             task = bar.add_task("perplexity", total=len(batches))
             for batch in batches:
                 inputs = collate(batch, pad_id)
-                logits = model(
-                    input_ids=inputs["input_ids"].to(device),
-                    attention_mask=inputs["attention_mask"].to(device),
-                    use_cache=False,
-                ).logits
-                acc.add(*token_nll(logits, inputs["labels"]))
+                if use_fused:
+                    out = model(input_ids=inputs["input_ids"].to(device),
+                                attention_mask=inputs["attention_mask"].to(device),
+                                labels=inputs["labels"].to(device), fused_lm_head=True)
+                    acc.add(-float(out.log_probs.double()[out.label_mask].sum()), int(out.label_mask.sum()))
+                else:
+                    logits = model(
+                        input_ids=inputs["input_ids"].to(device),
+                        attention_mask=inputs["attention_mask"].to(device),
+                        use_cache=False,
+                    ).logits
+                    acc.add(*token_nll(logits, inputs["labels"]))
                 bar.advance(task)
     finally:
         model.train(was_training)
