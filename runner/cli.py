@@ -100,6 +100,13 @@ from .cli_train import train as _train_cmd  # noqa: E402
 
 app.command("train")(_train_cmd)
 
+from .cli_export import compare as _compare_cmd, export as _export_cmd  # noqa: E402
+
+app.command("export")(_export_cmd)
+app.command("compare")(_compare_cmd)
+from .cli_data import data as _data_cmd  # noqa: E402
+app.command("data")(_data_cmd)
+
 
 def main() -> None:
     """Entry point: run the app, turn user errors into a message and exit status 2."""
