@@ -98,11 +98,13 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
                                 f"{recipe.stages[i - 1].name}) or run all stages")
         todo.append(stage)
 
-    # Data first, for every stage to train: a dataset with no trainable token fails before any training.
+    # Data first, for every stage: a dataset with no trainable token fails before any training. Finished
+    # stages come from the cache; their validation sets feed the forgetting matrix.
     prepared = {}
-    for stage in todo:
-        with _main_first():
-            prepared[stage.name] = prepare_stage(recipe, stage, tokenizer, log=log)
+    for stage in recipe.stages:
+        if stage in todo or only_stage is None:
+            with _main_first():
+                prepared[stage.name] = prepare_stage(recipe, stage, tokenizer, log=log)
 
     autocast_bf16 = str(dtype).endswith("bfloat16") if recipe.stages[0].train.bf16 == "auto" else False
     for stage in todo:
@@ -130,4 +132,23 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
         log(f"stage {stage.name}: done in {outcome.steps} steps"
             + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if outcome.best_eval_ppl else "")
             + f"; adapter in {outcome.adapter}")
+    if only_stage is None and all(s.name in outcomes for s in recipe.stages) and _is_main():
+        finish_run(recipe, run_dir, model_ref, dtype, tokenizer, prepared, log)
     return [outcomes[s.name] for s in recipe.stages if s.name in outcomes]
+
+
+def finish_run(recipe: Recipe, run_dir: Path, model_ref: str, dtype, tokenizer, prepared: dict, log=print) -> None:
+    """After the last stage: the forgetting matrix (several stages), the export (when the recipe asks), the report."""
+    from eval.report import write_run_report
+
+    from .forgetting import forgetting_matrix
+
+    if len(recipe.stages) > 1 and not (run_dir / "forgetting.json").is_file():
+        forgetting_matrix(recipe, run_dir, model_ref, dtype, {k: v.val for k, v in prepared.items()},
+                          tokenizer.pad_token_id, log=log)
+    if recipe.export is not None:
+        from .export import export_run
+
+        export_run(run_dir, log=log)
+    report = write_run_report(run_dir)
+    log(f"report: {report}")

@@ -1,0 +1,114 @@
+"""Merge a run's final adapter into a full-precision copy of its base, save `merged/`, and write the
+GGUF the chat app serves (with the training chat template inside), verified against the merged model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .errors import TunebookError
+from .recipe import Recipe, load_recipe
+from .train import StageOutcome
+
+QUANTS = ("q8_0", "f16", "f32")
+
+
+def load_run(run_dir: Path) -> Recipe:
+    """The recipe a run was trained with (recipe.yaml in the run directory)."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise TunebookError(f"{run_dir} is not a tunebook run directory (no recipe.yaml)\n"
+                            "    fix: pass the folder `tunebook train` wrote, e.g. runs/<name>")
+    return load_recipe(path)
+
+
+def final_outcome(recipe: Recipe, run_dir: Path) -> StageOutcome:
+    last = recipe.stages[-1].name
+    outcome = StageOutcome.load(run_dir / last)
+    if outcome is None or outcome.status != "done":
+        raise TunebookError(f"stage {last} of {run_dir} has not finished, there is nothing to export yet\n"
+                            f"    fix: finish training first (tunebook train {run_dir / 'recipe.yaml'})")
+    return outcome
+
+
+def merge_dtype(n_params: int) -> torch.dtype:
+    """float32 up to 2B parameters (exact), bfloat16 above (half the memory, the usual release precision)."""
+    return torch.float32 if n_params <= 2_000_000_000 else torch.bfloat16
+
+
+def merge_run(recipe: Recipe, run_dir: Path, log=print) -> Path:
+    """runs/<name>/merged: base (+ adapters merged by earlier `merge` stages) + the final adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import estimate_bytes, resolve_base
+
+    outcome = final_outcome(recipe, run_dir)
+    adapters = [Path(p) for p in outcome.lineage] + [Path(outcome.adapter)]
+    merged_dir = run_dir / "merged"
+    stamp = merged_dir / "tunebook-merged.json"
+    key = {"adapters": [str(a) for a in adapters],
+           "adapter_mtimes": [(a / "adapter_config.json").stat().st_mtime for a in adapters]}
+    if stamp.is_file() and json.loads(stamp.read_text()) == key:
+        log(f"merged model is up to date: {merged_dir}")
+        return merged_dir
+    model_ref = resolve_base(recipe.model, log)
+    n_params, _ = estimate_bytes(model_ref, recipe.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}),
+                                 torch.float32)
+    dtype = merge_dtype(n_params)
+    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
+        log(f"trained on a quantized base: reloading the base in {str(dtype).split('.')[-1]} to merge the adapter")
+    kwargs = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
+    if model_ref.endswith(".gguf"):
+        kwargs["gguf_file"] = Path(model_ref).name
+        model_ref = str(Path(model_ref).parent)
+    model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    for adapter in adapters:
+        log(f"merging {adapter}")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapters[-1]))
+    template_file = adapters[-1] / "chat_template.jinja"
+    if template_file.is_file() and template_file.read_text().strip():
+        tokenizer.chat_template = template_file.read_text()
+    with atomic.atomic_dir(merged_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template or "")
+        (tmp / stamp.name).write_text(json.dumps(key))
+    log(f"merged model saved: {merged_dir} ({n_params / 1e6:.0f}M parameters, {str(dtype).split('.')[-1]})")
+    return merged_dir
+
+
+def gguf_path(recipe: Recipe, run_dir: Path, quant: str) -> Path:
+    return run_dir / f"{recipe.name}-{quant}.gguf"
+
+
+def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = None, log=print) -> Path:
+    """Merge, write the GGUF and (by default) verify it. Returns the GGUF path."""
+    from .gguf import write_gguf
+
+    recipe = load_run(run_dir)
+    quant = quant or (recipe.export.quantization if recipe.export else "q8_0")
+    if quant not in QUANTS:
+        raise TunebookError(f"--quant {quant}: unknown quantization\n    fix: use one of {', '.join(QUANTS)}")
+    verify = (recipe.export.verify if recipe.export else True) if verify is None else verify
+    merged = merge_run(recipe, run_dir, log)
+    out = gguf_path(recipe, run_dir, quant)
+    template = (merged / "chat_template.jinja").read_text() or None
+    log(f"writing {out} ({quant})")
+    write_gguf(merged, out, quant=quant, chat_template=template,
+               metadata={"name": recipe.name, "base_model": recipe.model.base, "recipe": recipe.name})
+    if verify:
+        from .gguf_verify import verify_gguf
+
+        try:
+            report = verify_gguf(merged, out, quant)
+        except TunebookError:
+            bad = out.with_name(out.name + ".failed-verification")
+            out.replace(bad)
+            log(f"verification failed: the GGUF was moved to {bad}")
+            raise
+        log(f"verified: {report}")
+    return out
