@@ -43,7 +43,8 @@ def merge_run(recipe: Recipe, run_dir: Path, log=print) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import estimate_bytes, resolve_base
+    from .data import recipe_dir
+    from .model import estimate_bytes, model_source
 
     outcome = final_outcome(recipe, run_dir)
     adapters = [Path(p) for p in outcome.lineage] + [Path(outcome.adapter)]
@@ -54,7 +55,7 @@ def merge_run(recipe: Recipe, run_dir: Path, log=print) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == key:
         log(f"merged model is up to date: {merged_dir}")
         return merged_dir
-    model_ref = resolve_base(recipe.model, log)
+    model_ref = model_source(recipe.model, recipe_dir(recipe), log)
     n_params, _ = estimate_bytes(model_ref, recipe.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}),
                                  torch.float32)
     dtype = merge_dtype(n_params)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import TunebookError
-from .package_model import PREFIX, materialize
+from .base_model import resolve_base
+from .package_model import materialize
 from .recipe import LoraConfig, ModelConfig
 
 
@@ -42,27 +43,20 @@ def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def _looks_like_path(base: str) -> bool:
-    return base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep == "\\" and "\\" in base
-
-
-def resolve_base(cfg: ModelConfig, log=print) -> str:
-    """The base as something `from_pretrained` takes: a local folder or a hub id. Fails early and clearly."""
-    base = cfg.base
-    if base.startswith(PREFIX):
-        return str(materialize(base, log))
-    path = Path(base).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix == ".gguf":
-            return str(path)
-        if not (path / "config.json").is_file():
-            raise TunebookError(f"model.base: {path} is not a model folder (no config.json)\n"
+def model_source(cfg: ModelConfig, base_dir: Path | None = None, log=print) -> str:
+    """The base as something `from_pretrained` takes (a local folder, a .gguf file or a hub id), converting a
+    packaged GGUF once. Fails early and clearly: a missing path, a folder that is no model, an unreachable hub."""
+    ref = resolve_base(cfg, base_dir=base_dir)
+    if ref.kind == "package":
+        return str(materialize(ref.spec, log))
+    if ref.kind == "gguf":
+        return str(ref.path)
+    if ref.kind == "local":
+        if not (ref.path / "config.json").is_file():
+            raise TunebookError(f"model.base: {ref.path} is not a model folder (no config.json)\n"
                                 "    fix: point base at a folder saved with save_pretrained, a .gguf file, or a hub id")
-        return str(path)
-    if _looks_like_path(base) or base.endswith(".gguf"):
-        raise TunebookError(f"model.base: local path {path} does not exist\n    fix: check the path (relative to "
-                            "the current directory)")
-    return _check_hub(base, cfg.revision)
+        return str(ref.path)
+    return _check_hub(ref.spec, ref.revision)
 
 
 def _check_hub(repo_id: str, revision: str | None) -> str:

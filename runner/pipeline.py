@@ -55,32 +55,22 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     return run_dir
 
 
-def load_tokenizer(model_ref: str, recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
-    if model_ref.endswith(".gguf"):
-        path = Path(model_ref)
-        model_ref, kwargs["gguf_file"] = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(model_ref, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> list[StageOutcome]:
     """Run the recipe's stages (or one of them) and return their outcomes."""
-    from .data import make_collator, prepare_stage
-    from .model import build_stage_model, check_fits, load_base, resolve_base, resolve_dtype
+    from .base_model import load_tokenizer
+    from .data import make_collator, pack_examples, prepare_stage, recipe_dir
+    from .model import build_stage_model, check_fits, load_base, model_source, resolve_dtype
 
     if only_stage is not None:
         recipe.stage(only_stage)  # a clear error for an unknown name
     run_dir = prepare_run_dir(recipe)
     with _main_first():
-        model_ref = resolve_base(recipe.model, log)
+        model_ref = model_source(recipe.model, recipe_dir(recipe), log)
     dtype = resolve_dtype(recipe.model)
     check_fits(model_ref, recipe.model, dtype)
-    tokenizer = load_tokenizer(model_ref, recipe)
+    tokenizer = load_tokenizer(recipe.model, base_dir=recipe_dir(recipe))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
     outcomes: dict[str, StageOutcome] = {}
     todo = []
@@ -121,7 +111,11 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
             quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
             gradient_checkpointing=t.gradient_checkpointing)
         collator = make_collator(tokenizer, t.packing, recipe.model.max_seq_length)
-        outcome = run_stage(recipe, stage, run_dir / stage.name, model, tokenizer, prepared[stage.name], collator,
+        data = prepared[stage.name]
+        if t.packing:  # whole rows packed ahead (best-fit decreasing): fuller rows than packing each batch
+            data = type(data)(pack_examples(data.train, recipe.model.max_seq_length), data.val, data.report)
+            log(f"stage {stage.name}: packed {len(prepared[stage.name].train)} samples into {len(data.train)} rows")
+        outcome = run_stage(recipe, stage, run_dir / stage.name, model, tokenizer, data, collator,
                             [str(p) for p in lineage], bf16, log=log)
         del model, base
         gc.collect()

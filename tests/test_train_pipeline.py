@@ -1,0 +1,89 @@
+"""`tunebook train` end to end on a tiny Llama: two stages, evaluation rows, run directory, report."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from runner.metrics import read_metrics
+from runner.pipeline import train_recipe
+from runner.recipe import load_recipe
+from train_support import two_stage_recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two-stage")
+    recipe = load_recipe(two_stage_recipe(folder))
+    outcomes = train_recipe(recipe, log=lambda m: None)
+    return recipe, recipe.run_dir(), outcomes
+
+
+def test_both_stages_finish_and_continue_from_each_other(trained):
+    recipe, run_dir, outcomes = trained
+    assert [o.name for o in outcomes] == ["general", "vet"]
+    assert all(o.status == "done" for o in outcomes)
+    assert outcomes[0].steps == 6 and outcomes[1].steps == 4
+
+
+def test_metrics_have_eval_rows_every_eval_steps(trained):
+    _, run_dir, _ = trained
+    for stage, steps in (("general", 6), ("vet", 4)):
+        rows = read_metrics(run_dir / stage / "metrics.jsonl")
+        evals = [r for r in rows if "eval_loss" in r]
+        assert [r["step"] for r in evals] == list(range(2, steps + 1, 2))
+        for r in evals:
+            assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
+        train_rows = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in train_rows] == list(range(1, steps + 1))  # no duplicate, none missing
+        assert all(r["tokens_seen"] > 0 and r["seconds"] >= 0 and "learning_rate" in r for r in train_rows)
+        assert train_rows[-1]["tokens_seen"] > train_rows[0]["tokens_seen"]
+
+
+def test_run_directory_layout(trained):
+    _, run_dir, _ = trained
+    resolved = (run_dir / "recipe.resolved.yaml").read_text()
+    assert "provenance" in resolved and "transformers" in resolved and "git_commit" in resolved
+    for stage in ("general", "vet"):
+        adapter = run_dir / stage / "adapter"
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert (adapter / "tokenizer_config.json").is_file()
+        assert "{% generation %}" in (adapter / "chat_template.jinja").read_text()
+        assert any((run_dir / stage / "tensorboard").rglob("events.out.tfevents*"))
+        assert json.loads((run_dir / stage / "stage.json").read_text())["status"] == "done"
+        assert any((run_dir / stage / "checkpoints").glob("checkpoint-*"))
+
+
+def test_forgetting_matrix_and_report(trained):
+    _, run_dir, _ = trained
+    matrix = json.loads((run_dir / "forgetting.json").read_text())
+    assert matrix["rows"] == ["base", "general", "vet"] and matrix["stages"] == ["general", "vet"]
+    ppl = matrix["ppl"]
+    assert ppl["general"]["general"] < ppl["base"]["general"]  # training lowered its own val set
+    assert ppl["vet"]["vet"] < ppl["general"]["vet"]
+    last_general = [r for r in read_metrics(run_dir / "general" / "metrics.jsonl") if "eval_loss" in r][-1]
+    assert ppl["general"]["general"] == pytest.approx(last_general["eval_ppl"], rel=1e-5)
+    report = (run_dir / "report.md").read_text()
+    assert "Forgetting matrix" in report and "after vet" in report
+
+
+def test_rerun_skips_finished_stages(trained):
+    recipe, run_dir, _ = trained
+    before = (run_dir / "vet" / "metrics.jsonl").read_text()
+    logs = []
+    outcomes = train_recipe(recipe, log=logs.append)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert (run_dir / "vet" / "metrics.jsonl").read_text() == before
+    assert not any("training on" in m for m in logs)
+
+
+def test_changed_recipe_in_the_same_run_dir_is_refused(trained, tmp_path):
+    from runner.errors import TunebookError
+
+    recipe, _, _ = trained
+    changed = recipe.model_copy(deep=True)
+    changed.stages[0].train.learning_rate = 1e-3
+    changed._path = recipe._path
+    with pytest.raises(TunebookError, match="different version"):
+        train_recipe(changed, log=lambda m: None)

@@ -1,0 +1,59 @@
+"""Helpers for training tests: a tiny Llama base folder, tiny chat data and a recipe around them."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from tiny_models import make_tiny_llama, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_base(folder: Path) -> Path:
+    """A saved tiny Llama (random init) with a byte-level BPE tokenizer and the llama-3 template."""
+    base = folder / "tiny-llama"
+    if not (base / "config.json").is_file():
+        tokenizer = make_tokenizer(folder / "tok")
+        make_tiny_llama(base, tokenizer)
+    return base
+
+
+def chat_data(path: Path, n: int, topic: str = "cats") -> Path:
+    """n short two-turn conversations, varied enough for a validation set to mean something."""
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [
+            {"role": "user", "content": f"Question {i} about {topic}: what should I feed a {topic[:-1]} aged {i % 12 + 1}?"},
+            {"role": "assistant", "content": f"A {topic[:-1]} aged {i % 12 + 1} needs fresh water and a balanced diet."},
+        ]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_recipe(folder: Path, text: str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def two_stage_recipe(folder: Path, *, init: str = "continue", extra_train: str = "", name: str = "two") -> Path:
+    base = tiny_base(folder)
+    chat_data(folder / "general.jsonl", 48, "cats")
+    chat_data(folder / "vet.jsonl", 32, "dogs")
+    return write_recipe(folder, f"""
+        name: {name}
+        output_dir: {folder / 'runs'}
+        seed: 7
+        model: {{base: {base}, chat_template: llama-3, max_seq_length: 128, dtype: float32}}
+        lora: {{r: 4, alpha: 8, target_modules: all-linear}}
+        stages:
+          - name: general
+            data: {{source: general.jsonl, format: messages, val_size: 8}}
+            train: {{max_steps: 6, learning_rate: 5e-3, micro_batch_size: 4, eval_steps: 2, save_steps: 2, logging_steps: 1{extra_train}}}
+          - name: vet
+            init: {init}
+            data: {{source: vet.jsonl, format: messages, val_size: 8}}
+            train: {{max_steps: 4, learning_rate: 5e-3, micro_batch_size: 4, eval_steps: 2, save_steps: 2, logging_steps: 1{extra_train}}}
+        """)
