@@ -43,6 +43,7 @@ class StageOutcome:
     best_eval_ppl: float | None = None
     kept: str = "last"
     seconds: float = 0.0
+    world_size: int = 1
 
     def save(self, stage_dir: Path) -> None:
         atomic.write_text(stage_dir / "stage.json", json.dumps(asdict(self), indent=2) + "\n")
@@ -224,8 +225,9 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
     return trainer
 
 
-def _device_label() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+def _device_label(world_size: int) -> str:
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return where + (f" x {world_size} ranks" if world_size > 1 else "")
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, stage_dir: Path, model, tokenizer, data, collator, lineage: list[str],
@@ -246,7 +248,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, stage_dir: Path, model, tokeni
                                progress, interrupt, best_dir)
         trainer.tokens_seen = float(metrics.last("tokens_seen"))
         trainer.report.base_seconds = float(metrics.last("seconds"))
-        progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step, _device_label())
+        progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step,
+                       _device_label(trainer.args.world_size))
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
@@ -259,7 +262,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, stage_dir: Path, model, tokeni
     seconds = metrics.last("seconds")
     outcome = StageOutcome(stage.name, "done", str(stage_dir / "adapter"), list(lineage), steps,
                            trainer.best_step, None if math.isinf(trainer.best_loss) else trainer.best_loss,
-                           kept=stage.train.keep, seconds=seconds)
+                           kept=stage.train.keep, seconds=seconds, world_size=trainer.args.world_size)
     if outcome.best_eval_loss is not None:
         outcome.best_eval_ppl = math.exp(outcome.best_eval_loss)
     if trainer.is_world_process_zero():
