@@ -57,6 +57,8 @@ def prepare_run_dir(recipe: Recipe) -> Path:
 
 def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> list[StageOutcome]:
     """Run the recipe's stages (or one of them) and return their outcomes."""
+    from transformers import set_seed
+
     from .base_model import load_tokenizer
     from .data import make_collator, pack_examples, prepare_stage, recipe_dir
     from .model import build_stage_model, check_fits, load_base, model_source, resolve_dtype
@@ -104,6 +106,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
         bf16 = autocast_bf16 if t.bf16 == "auto" else bool(t.bf16)
         log(f"stage {stage.name}: init {stage.init}, base {recipe.model.base}, dtype {str(dtype).split('.')[-1]}"
             f"{' + bf16 autocast' if bf16 else ''}")
+        set_seed(recipe.seed)  # the new adapter's initial weights are part of the experiment
         base = load_base(model_ref, recipe.model, dtype)
         model, lineage = build_stage_model(
             base, stage.init, recipe.lora, Path(previous.adapter) if previous else None,
