@@ -104,12 +104,19 @@ from .cli_export import compare as _compare_cmd, export as _export_cmd  # noqa: 
 
 app.command("export")(_export_cmd)
 app.command("compare")(_compare_cmd)
+
+from .cli_eval import eval_ as _eval_cmd  # noqa: E402
+
+app.command("eval")(_eval_cmd)
 from .cli_data import data as _data_cmd  # noqa: E402
 app.command("data")(_data_cmd)
 
 
 def main() -> None:
     """Entry point: run the app, turn user errors into a message and exit status 2."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing. is deprecated).*")
     try:
         code = app(standalone_mode=False)
     except TunebookError as exc:

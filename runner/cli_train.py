@@ -19,7 +19,7 @@ def train(
     from .pipeline import train_recipe
     from .recipe import load_recipe
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     loaded = load_recipe(recipe, set_ or [])
     outcomes = train_recipe(loaded, only_stage=stage, log=lambda msg: console.print(msg, highlight=False, markup=False))
     console.print(f"[green]done[/green]: {len(outcomes)} stage(s) in {loaded.run_dir()}", highlight=False)

@@ -31,6 +31,27 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def anchored(recipe: Recipe) -> Recipe:
+    """A copy whose local data and model paths are absolute, so the run directory's recipe.yaml works from
+    anywhere (`tunebook eval`/`export` read it later, from another directory)."""
+    base_dir = recipe._path.parent if recipe._path else None
+    copy = recipe.model_copy(deep=True)
+
+    def absolute(spec: str) -> str:
+        if spec.startswith("package:"):
+            return spec
+        for candidate in (Path(spec).expanduser(), base_dir / spec if base_dir else None):
+            if candidate is not None and candidate.exists():
+                return str(candidate.resolve())
+        return spec
+
+    copy.model.base = absolute(copy.model.base)
+    for stage in copy.stages:
+        stage.data.source = absolute(stage.data.source)
+    copy._path = recipe._path
+    return copy
+
+
 def prepare_run_dir(recipe: Recipe) -> Path:
     """Create the run directory (or check an existing one belongs to this recipe) and record the recipe."""
     run_dir = recipe.run_dir()
@@ -42,6 +63,7 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     except OSError as exc:
         raise TunebookError(f"output_dir: cannot write to {run_dir} ({exc.strerror})\n"
                             "    fix: set output_dir to a folder you can write to (--set output_dir=...)") from None
+    recipe = anchored(recipe)
     resolved = resolved_yaml(recipe)
     previous = run_dir / "recipe.yaml"
     started = any((run_dir / s.name).exists() for s in recipe.stages)

@@ -87,3 +87,58 @@ def test_changed_recipe_in_the_same_run_dir_is_refused(trained, tmp_path):
     changed._path = recipe._path
     with pytest.raises(TunebookError, match="different version"):
         train_recipe(changed, log=lambda m: None)
+
+
+def test_eval_of_the_run_matches_training_and_ignores_batch_size(trained):
+    from runner.evaluate import evaluate_target
+
+    recipe, run_dir, _ = trained
+    last_vet = [r for r in read_metrics(run_dir / "vet" / "metrics.jsonl") if "eval_loss" in r][-1]
+    one = evaluate_target(run_dir, stage="vet", batch_size=1, log=lambda m: None)
+    eight = evaluate_target(run_dir, stage="vet", batch_size=8, log=lambda m: None)
+    assert one["loss"] == pytest.approx(eight["loss"], rel=1e-5, abs=0)
+    assert one["loss"] == pytest.approx(last_vet["eval_loss"], rel=1e-5)
+    assert one["ppl"] == pytest.approx(math.exp(one["loss"]), rel=1e-12)
+
+
+def test_eval_cli_json_on_an_adapter_with_a_data_file(trained):
+    import subprocess
+    import sys
+
+    from train_support import ROOT
+
+    recipe, run_dir, _ = trained
+    res = subprocess.run([sys.executable, "-m", "runner.cli", "eval", str(run_dir / "general" / "adapter"),
+                          "--data", str(recipe._path.parent / "vet.jsonl"), "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "adapter" and out["examples"] == 32 and out["tokens"] > 0
+    assert out["ppl"] == pytest.approx(math.exp(out["loss"]))
+
+
+def test_compare_writes_the_table_and_valid_plots(trained, tmp_path):
+    from PIL import Image
+
+    from eval.report import write_compare_report
+
+    recipe, run_dir, _ = trained
+    other = load_recipe(recipe._path, ["name=two-b", "stages.0.train.learning_rate=1e-3"])
+    train_recipe(other, log=lambda m: None)
+    report = write_compare_report([run_dir, other.run_dir()], tmp_path)
+    text = report.read_text()
+    for run in (run_dir, other.run_dir()):
+        for stage in ("general", "vet"):
+            evals = [r for r in read_metrics(run / stage / "metrics.jsonl") if "eval_loss" in r]
+            best = min(evals, key=lambda r: r["eval_loss"])
+            row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} | {stage} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[9] == f"{best['eval_loss']:.4f}" and cells[10] == f"{best['eval_ppl']:.3f}"
+            assert cells[11] == str(best["step"])
+    assert "%" in text  # relative change between rows
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 4 + 2
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+        assert png.stat().st_size > 5000
