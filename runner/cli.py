@@ -108,6 +108,10 @@ app.command("compare")(_compare_cmd)
 from .cli_eval import eval_ as _eval_cmd  # noqa: E402
 
 app.command("eval")(_eval_cmd)
+
+from .cli_chat import chat as _chat_cmd  # noqa: E402
+
+app.command("chat")(_chat_cmd)
 from .cli_data import data as _data_cmd  # noqa: E402
 app.command("data")(_data_cmd)
 

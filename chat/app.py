@@ -1,0 +1,268 @@
+"""VetAI in the browser: a Chainlit app over one GGUF model (chat.engine.ChatEngine).
+
+Started by chat/serve.py (`tunebook chat`), which passes the model path, system prompt and title in
+environment variables. Each browser tab is a session with its own history in `cl.user_session`;
+all sessions share the one model and queue on its lock. Replies stream token by token from a worker
+thread; the stop button sets the session's stop event, which the engine checks between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from contextlib import closing
+
+from chat.serve import CHAINLIT_HOME
+
+# `chainlit run` (chat/serve.py) has set this already; anything else importing this module would
+# otherwise make Chainlit write `.chainlit/` and `.files/` into its working directory.
+os.environ.setdefault("CHAINLIT_APP_ROOT", str(CHAINLIT_HOME))
+
+import chainlit as cl  # noqa: E402
+from chainlit.config import config as chainlit_config  # noqa: E402
+from chainlit.input_widget import Slider  # noqa: E402
+
+from chat.engine import ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
+from chat.serve import (  # noqa: E402
+    ENV_DEBUG_LOG,
+    ENV_MAX_TOKENS,
+    ENV_MODEL,
+    ENV_N_CTX,
+    ENV_SYSTEM_PROMPT,
+    ENV_THREADS,
+    ENV_TITLE,
+)
+
+# The persona the quickstart and VetAI recipes train with (recipes/*.yaml, stage `vet`).
+VETAI_SYSTEM_PROMPT = (
+    "You are VetAI, a careful assistant for pet owners. Give practical, accurate guidance on pet "
+    "health and care, say clearly when an animal needs a veterinarian and when it is an emergency, "
+    "and never give medication doses: those come from the animal's own veterinarian."
+)
+DISCLAIMER = (
+    "**VetAI is not a substitute for a veterinarian.** Answers can be wrong. If your animal is in "
+    "pain, struggling to breathe, bleeding, collapsed or has eaten something poisonous, call a "
+    "veterinarian or an emergency clinic now."
+)
+STARTERS = [
+    ("Vomiting dog", "My dog has vomited twice today but is still drinking water. Should I be worried?"),
+    ("Cat not eating", "My cat hasn't eaten for a day and is hiding. What could be wrong?"),
+    ("Toxic foods", "Which common foods are poisonous to dogs and cats?"),
+    ("Puppy vaccines", "What vaccinations does a new puppy need, and when?"),
+]
+
+DEFAULT_SAMPLING = Sampling(
+    temperature=0.7,
+    top_p=0.9,
+    max_tokens=int(os.environ.get(ENV_MAX_TOKENS, "256")),
+)
+
+_engine: ChatEngine | None = None
+_engine_lock = threading.Lock()
+_debug_lock = threading.Lock()
+
+
+def system_prompt() -> str:
+    return os.environ.get(ENV_SYSTEM_PROMPT, VETAI_SYSTEM_PROMPT)
+
+
+def title() -> str:
+    return os.environ.get(ENV_TITLE) or chainlit_config.ui.name
+
+
+def get_engine() -> ChatEngine:
+    """The process's one engine, loaded from $TUNEBOOK_CHAT_MODEL on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            path = os.environ.get(ENV_MODEL)
+            if not path:
+                raise ChatError(f"no model: set {ENV_MODEL} to a .gguf file (tunebook chat does)")
+            threads = os.environ.get(ENV_THREADS)
+            _engine = ChatEngine(
+                path,
+                n_ctx=int(os.environ.get(ENV_N_CTX, "2048")),
+                n_threads=int(threads) if threads else None,
+            )
+            # Evaluate the system prompt once, so the first visitor's reply starts from a warm cache.
+            _engine.reply(with_system([{"role": "user", "content": "Hello"}]), Sampling(max_tokens=1))
+        return _engine
+
+
+def set_engine(engine) -> None:
+    """Use `engine` instead of loading one (tests)."""
+    global _engine
+    _engine = engine
+
+
+def with_system(turns: list[dict]) -> list[dict]:
+    prompt = system_prompt()
+    return ([{"role": "system", "content": prompt}] if prompt else []) + turns
+
+
+def model_line(engine: ChatEngine) -> str:
+    threads = f"{engine.n_threads} CPU thread" + ("s" if engine.n_threads != 1 else "")
+    line = f"Model: `{engine.path.name}` · {engine.n_ctx}-token context · llama.cpp on {threads}"
+    if engine.template_warning:
+        line += f"\n\n⚠️ {engine.template_warning}"
+    return line
+
+
+def welcome_text(engine: ChatEngine) -> str:
+    return (
+        f"Hello! I'm {title()}. Ask me about your pet's health, behaviour, food or care.\n\n"
+        f"{DISCLAIMER}\n\n{model_line(engine)}"
+    )
+
+
+def sampling_from(settings: dict | None) -> Sampling:
+    """Chat-settings values, clamped to sane ranges (the browser can send anything)."""
+    settings = settings or {}
+
+    def number(key, default, low, high, cast=float):
+        try:
+            return cast(min(high, max(low, float(settings.get(key, default)))))
+        except (TypeError, ValueError):
+            return default
+
+    return Sampling(
+        temperature=number("temperature", DEFAULT_SAMPLING.temperature, 0.0, 2.0),
+        top_p=number("top_p", DEFAULT_SAMPLING.top_p, 0.05, 1.0),
+        max_tokens=number("max_tokens", DEFAULT_SAMPLING.max_tokens, 1, 4096, int),
+    )
+
+
+def record_for_tests(session_id: str, prompt: Prompt) -> None:
+    """With $TUNEBOOK_CHAT_DEBUG_LOG set, append what this generation saw (tests check histories)."""
+    path = os.environ.get(ENV_DEBUG_LOG)
+    if not path:
+        return
+    line = json.dumps({"session": session_id, "messages": prompt.messages})
+    with _debug_lock, open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+if os.environ.get(ENV_MODEL):
+    # Load at import: Chainlit imports this module before it starts listening, so a bad model file
+    # stops `tunebook chat` with a clear message instead of failing on the first question.
+    if os.environ.get(ENV_TITLE):
+        chainlit_config.ui.name = os.environ[ENV_TITLE]
+    try:
+        get_engine()
+    except ChatError as e:
+        raise SystemExit(f"tunebook chat: {e}") from None
+
+
+@cl.set_chat_profiles
+async def chat_profiles(user=None, language=None):
+    # One profile: Chainlit then shows its description (welcome, disclaimer, model) and starters
+    # on the empty chat screen, and no profile picker.
+    return [
+        cl.ChatProfile(
+            name=title(),
+            markdown_description=welcome_text(get_engine()),
+            icon="/public/vetai.svg",
+            default=True,
+            starters=await starters(user, language),
+        )
+    ]
+
+
+@cl.set_starters
+async def starters(user=None, language=None):
+    return [cl.Starter(label=label, message=message) for label, message in STARTERS]
+
+
+@cl.on_chat_start
+async def start():
+    cl.user_session.set("history", [])
+    await cl.ChatSettings(
+        [
+            Slider(id="temperature", label="Temperature", initial=DEFAULT_SAMPLING.temperature,
+                   min=0, max=2, step=0.05, description="Higher is more varied, 0 is deterministic."),
+            Slider(id="top_p", label="Top-p", initial=DEFAULT_SAMPLING.top_p, min=0.05, max=1, step=0.05,
+                   description="Sample only from the most likely tokens making up this probability."),
+            Slider(id="max_tokens", label="Max reply tokens", initial=DEFAULT_SAMPLING.max_tokens,
+                   min=min(16, DEFAULT_SAMPLING.max_tokens), max=max(1024, DEFAULT_SAMPLING.max_tokens),
+                   step=16, description="Longest reply, in tokens."),
+        ]
+    ).send()
+
+
+@cl.on_stop
+async def stop():
+    if event := cl.user_session.get("stop_event"):
+        event.set()
+
+
+@cl.on_message
+async def on_message(message: cl.Message):
+    history: list[dict] = cl.user_session.get("history") or []
+    # A new event per reply: a stopped generation still finishing in its thread keeps its own.
+    stop_event = threading.Event()
+    cl.user_session.set("stop_event", stop_event)
+    sampling = sampling_from(cl.user_session.get("chat_settings"))
+    messages = with_system(history + [{"role": "user", "content": message.content}])
+
+    reply = cl.Message(content="")
+    try:
+        prompt = await stream_reply(get_engine(), messages, sampling, stop_event, reply, cl.user_session.get("id"))
+    except asyncio.CancelledError:
+        # The stop button cancels this task; keep what was written so far.
+        stop_event.set()
+        if reply.content:
+            history += [{"role": "user", "content": message.content}, {"role": "assistant", "content": reply.content}]
+            cl.user_session.set("history", history)
+        raise
+    except Exception as e:  # noqa: BLE001 - shown in the chat; the session keeps working
+        await cl.ErrorMessage(content=f"Sorry, generating a reply failed: {e}").send()
+        return
+
+    text = reply.content
+    if not text:
+        reply.content = "_(no reply: the model ended its turn at once)_"
+    await reply.send()
+    # The history keeps what the model saw (a trimmed message stays trimmed) plus its reply.
+    history = [m for m in prompt.messages if m["role"] != "system"]
+    history.append({"role": "assistant", "content": text})
+    cl.user_session.set("history", history)
+    if prompt.notes:
+        await cl.Message(content="_Note: " + "; ".join(prompt.notes) + "._", author=title()).send()
+
+
+async def stream_reply(
+    engine: ChatEngine,
+    messages: list[dict],
+    sampling: Sampling,
+    stop_event: threading.Event,
+    reply: cl.Message,
+    session_id: str | None,
+) -> Prompt:
+    """Generate in a worker thread and stream its pieces into `reply`. Returns the fitted prompt."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    done = object()
+    result: dict = {}
+
+    def work():
+        try:
+            with engine.lock:  # queue behind other sessions; prepare and generate as one turn
+                prompt = engine.prepare(messages, sampling.max_tokens)
+                result["prompt"] = prompt
+                record_for_tests(session_id or "", prompt)
+                with closing(engine.stream(prompt, sampling, stop_event)) as stream:
+                    for piece in stream:
+                        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop
+            loop.call_soon_threadsafe(pieces.put_nowait, e)
+        else:
+            loop.call_soon_threadsafe(pieces.put_nowait, done)
+
+    threading.Thread(target=work, name="chat-generate", daemon=True).start()
+    while (piece := await pieces.get()) is not done:
+        if isinstance(piece, BaseException):
+            raise piece
+        await reply.stream_token(piece)
+    return result["prompt"]

@@ -1,0 +1,229 @@
+"""Start the Chainlit chat app (chat/app.py) over a GGUF file: `tunebook chat` calls `serve`.
+
+Chainlit reads and writes its files (`.chainlit/config.toml`, translations, `chainlit.md`, `.files/`)
+in its app root and loads `.env` from its working directory. The server therefore runs with both set
+to `chat/chainlit_home/`, which ships those files, so nothing lands in the user's folders. Settings
+reach the app through the environment variables below. This module does not import Chainlit
+(importing it writes into the working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from chat.engine import ChatError, check_gguf
+
+CHAT_DIR = Path(__file__).resolve().parent
+APP_PATH = CHAT_DIR / "app.py"
+CHAINLIT_HOME = CHAT_DIR / "chainlit_home"
+
+# What serve() tells the app (chat/app.py reads these).
+ENV_MODEL = "TUNEBOOK_CHAT_MODEL"  # path of the GGUF file
+ENV_SYSTEM_PROMPT = "TUNEBOOK_CHAT_SYSTEM_PROMPT"  # replaces the VetAI persona
+ENV_TITLE = "TUNEBOOK_CHAT_TITLE"  # assistant name shown in the UI
+ENV_N_CTX = "TUNEBOOK_CHAT_N_CTX"  # context window (tokens)
+ENV_MAX_TOKENS = "TUNEBOOK_CHAT_MAX_TOKENS"  # default reply length (tokens)
+ENV_THREADS = "TUNEBOOK_CHAT_THREADS"  # llama.cpp threads (default: all cores this process may use)
+ENV_DEBUG_LOG = "TUNEBOOK_CHAT_DEBUG_LOG"  # tests: a JSONL file recording what each generation saw
+
+# Inherited variables that would make Chainlit talk to the outside (a data layer, OAuth, Literal AI)
+# or change how its CLI runs (click reads CI, DEBUG, WATCH, ... as option defaults).
+# serve() sets the model, prompt and title itself; the other TUNEBOOK_CHAT_* settings pass through.
+_DROPPED_ENV_PREFIXES = ("CHAINLIT_", "LITERAL_", "OAUTH_")
+_DROPPED_ENV = {"DATABASE_URL", "BUCKET_NAME", "CI", "DEBUG", "WATCH", "HEADLESS", "NO_CACHE", "RUN_TARGET",
+                ENV_MODEL, ENV_SYSTEM_PROMPT, ENV_TITLE}
+_OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "OTEL_SDK_DISABLED": "true",
+    "TRACELOOP_TELEMETRY": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def find_gguf(run_dir_or_file: str | os.PathLike) -> Path:
+    """The GGUF to serve: the file itself, or the one exported into a run directory.
+
+    A run directory `runs/<name>/` holds `<name>-q8_0.gguf`; without it, another `*-q8_0.gguf`, then
+    any `*.gguf` is taken.
+    """
+    path = Path(run_dir_or_file).expanduser()
+    if not path.exists():
+        raise ChatError(f"no such run directory or GGUF file: {path}")
+    if path.is_file():
+        return check_gguf(path)
+    candidates = [path / f"{path.resolve().name}-q8_0.gguf"]
+    candidates += sorted(path.glob("*-q8_0.gguf")) + sorted(path.glob("*.gguf"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return check_gguf(candidate)
+    raise ChatError(
+        f"no .gguf file in {path}: export the run first (it writes {path.name}-q8_0.gguf there), "
+        "or pass the path of a .gguf file"
+    )
+
+
+def run_system_prompt(run_dir_or_file: str | os.PathLike) -> str | None:
+    """The system prompt the run trained with: its last stage's `data.system_prompt` in
+    `recipe.resolved.yaml` (next to the GGUF). None when there is none; the app then uses VetAI's."""
+    path = Path(run_dir_or_file).expanduser()
+    resolved = (path if path.is_dir() else path.parent) / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        recipe = YAML(typ="safe").load(resolved.read_text(encoding="utf-8")) or {}
+    except (OSError, YAMLError) as e:
+        raise ChatError(f"cannot read {resolved}: {e}") from e
+    prompts = [
+        ((stage or {}).get("data") or {}).get("system_prompt")
+        for stage in recipe.get("stages") or []
+        if isinstance(stage, dict)
+    ]
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    return prompts[-1] if prompts else None
+
+
+def chainlit_home() -> Path:
+    """Chainlit's app root: the shipped folder, or a copy of it when that is read-only (site-packages)."""
+    if os.access(CHAINLIT_HOME, os.W_OK):
+        return CHAINLIT_HOME
+    copy = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunebook" / "chainlit_home"
+    shutil.copytree(CHAINLIT_HOME, copy, dirs_exist_ok=True)
+    return copy
+
+
+def server_env(
+    gguf_path: Path,
+    system_prompt: str | None = None,
+    title: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_DROPPED_ENV_PREFIXES) and k not in _DROPPED_ENV
+    }
+    env.update(_OFFLINE_ENV)
+    home = chainlit_home()
+    env["CHAINLIT_APP_ROOT"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    # The app imports `chat.engine`: make the package importable from any working directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHAT_DIR.parent), env.get("PYTHONPATH")]))
+    env[ENV_MODEL] = str(gguf_path.resolve())
+    if system_prompt is not None:
+        env[ENV_SYSTEM_PROMPT] = system_prompt
+    if title:
+        env[ENV_TITLE] = title
+    env.update(extra or {})
+    return env
+
+
+def check_port(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ChatError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port)") from e
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    gguf_path: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    system_prompt: str | None = None,
+    title: str | None = None,
+    headless: bool = True,
+    env: dict[str, str] | None = None,
+    stdout=None,
+    stderr=None,
+) -> subprocess.Popen:
+    """Start the chat server in a child process and return it at once (see `wait_ready`)."""
+    gguf_path = check_gguf(gguf_path)
+    check_port(host, port)
+    cmd = [sys.executable, "-m", "chainlit", "run", str(APP_PATH), "--host", host, "--port", str(port)]
+    if headless:
+        cmd.append("--headless")
+    child_env = server_env(gguf_path, system_prompt, title, env)
+    return subprocess.Popen(cmd, cwd=child_env["CHAINLIT_APP_ROOT"], env=child_env, stdout=stdout, stderr=stderr)
+
+
+def wait_ready(proc: subprocess.Popen, host: str, port: int, timeout: float = 120.0, log_path: Path | None = None) -> str:
+    """Wait until the server answers on /health; return its URL. Raise ChatError if it exits first."""
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = ""
+            if log_path and Path(log_path).exists():
+                tail = "\n" + "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-20:])
+            raise ChatError(f"the chat server exited with status {proc.returncode} before it was ready{tail}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return url
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise ChatError(f"the chat server did not answer on {url} within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serve(
+    gguf_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    system_prompt: str | None = None,
+    title: str | None = None,
+    headless: bool = True,
+) -> None:
+    """Serve the chat app until interrupted (Ctrl-C, SIGTERM). Bad model file or busy port: ChatError at once."""
+    proc = start_server(gguf_path, host, port, system_prompt, title, headless)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # Killed politely, take the server down too rather than leave it holding the port.
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                previous[sig] = signal.signal(sig, _raise_interrupt)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        return
+    finally:
+        stop_server(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if rc not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise ChatError(f"the chat server exited with status {rc} (its messages are above)")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
