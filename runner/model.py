@@ -118,6 +118,18 @@ def check_fits(model_ref: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
             "    fix: set model.load_in_4bit: true, pick a smaller base, or use a machine with more memory")
 
 
+def check_quantization(cfg: ModelConfig) -> None:
+    """4-bit/8-bit loading needs bitsandbytes: say so before anything is loaded."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        raise TunebookError(f"model.{key} needs bitsandbytes, which is not installed\n"
+                            f"    fix: pip install bitsandbytes, or set {key}: false") from None
+
+
 def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training: bool = True):
     """The frozen base model, in `dtype` or quantized (4-bit nf4 / 8-bit) through bitsandbytes."""
     from transformers import AutoModelForCausalLM
@@ -129,12 +141,9 @@ def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training
         path = Path(model_ref)
         model_ref, kwargs["gguf_file"] = str(path.parent), path.name
     if cfg.load_in_4bit or cfg.load_in_8bit:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise TunebookError("model.load_in_4bit/8bit needs bitsandbytes, which is not installed\n"
-                                "    fix: pip install bitsandbytes, or set load_in_4bit: false") from None
+        check_quantization(cfg)
+        from transformers import BitsAndBytesConfig
+
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -83,10 +83,11 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
 
     from .base_model import load_tokenizer
     from .data import make_collator, pack_examples, prepare_stage, recipe_dir
-    from .model import build_stage_model, check_fits, load_base, model_source, resolve_dtype
+    from .model import build_stage_model, check_fits, check_quantization, load_base, model_source, resolve_dtype
 
     if only_stage is not None:
         recipe.stage(only_stage)  # a clear error for an unknown name
+    check_quantization(recipe.model)
     run_dir = prepare_run_dir(recipe)
     with _main_first():
         model_ref = model_source(recipe.model, recipe_dir(recipe), log)

@@ -1,0 +1,74 @@
+"""Everything that can be checked cheaply fails before training, with what is wrong and the fix."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from runner.errors import TunebookError
+from runner.pipeline import train_recipe
+from runner.recipe import load_recipe
+from train_support import chat_data, tiny_base, write_recipe
+
+
+def recipe_with(tmp_path, base: str, extra_model: str = "", output_dir: str | None = None, data_rows=None):
+    chat_data(tmp_path / "d.jsonl", 12)
+    if data_rows is not None:
+        (tmp_path / "d.jsonl").write_text(data_rows)
+    return load_recipe(write_recipe(tmp_path, f"""
+        name: early
+        output_dir: {output_dir or tmp_path / 'runs'}
+        model: {{base: "{base}", chat_template: llama-3, max_seq_length: 64{extra_model}}}
+        stages:
+          - name: s
+            data: {{source: d.jsonl, format: messages, val_size: 0}}
+            train: {{max_steps: 2}}
+        """))
+
+
+def no_training(msg):
+    assert "training on" not in msg, "training started"
+
+
+def test_missing_local_base(tmp_path):
+    with pytest.raises(TunebookError, match="not found.*\n.*fix"):
+        train_recipe(recipe_with(tmp_path, str(tmp_path / "no-such-model")), log=no_training)
+
+
+def test_hub_id_offline_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the offline branch is the one a test can reach
+    with pytest.raises(TunebookError, match="not in the local hub cache.*\n.*fix"):
+        train_recipe(recipe_with(tmp_path, "some-org/some-model-that-is-not-cached"), log=no_training)
+
+
+def test_model_that_does_not_fit(tmp_path, monkeypatch):
+    import psutil
+
+    base = tiny_base(tmp_path)
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1000))
+    with pytest.raises(TunebookError, match="needs about .* GiB of RAM.*\n.*load_in_4bit"):
+        train_recipe(recipe_with(tmp_path, str(base)), log=no_training)
+
+
+def test_4bit_without_bitsandbytes(tmp_path, monkeypatch):
+    base = tiny_base(tmp_path)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(TunebookError, match="needs bitsandbytes"):
+        train_recipe(recipe_with(tmp_path, str(base), ", load_in_4bit: true"), log=no_training)
+
+
+def test_output_dir_not_writable(tmp_path):
+    base = tiny_base(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(TunebookError, match="cannot write to .*\n.*fix"):
+        train_recipe(recipe_with(tmp_path, str(base), output_dir=str(blocker / "runs")), log=no_training)
+
+
+def test_data_without_trainable_tokens(tmp_path):
+    base = tiny_base(tmp_path)
+    rows = '{"messages": [{"role": "user", "content": "hello"}]}\n' * 5
+    with pytest.raises(TunebookError) as info:
+        train_recipe(recipe_with(tmp_path, str(base), data_rows=rows), log=no_training)
+    assert "fix" in str(info.value)
