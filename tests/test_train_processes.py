@@ -113,3 +113,24 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path):
     plain_rows = read_metrics(tmp_path / "plain/runs/r/s/metrics.jsonl")
     assert [r["loss"] for r in rows if "loss" in r] == pytest.approx([r["loss"] for r in plain_rows if "loss" in r], rel=1e-4)
     assert rows[-1]["tokens_seen"] == plain_rows[-1]["tokens_seen"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    recipe = one_stage(tmp_path / "int", "i", micro=2, steps=400)
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "train", str(recipe)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "int/runs/i/s/metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again" in err and "Traceback" not in err
+    checkpoints = list((tmp_path / "int/runs/i/s/checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / "trainer_state.json").is_file() for c in checkpoints)
+    step = max(int(c.name.split("-")[1]) for c in checkpoints)
+    assert 0 < step < 400
+    assert not (tmp_path / "int/runs/i/s/stage.json").exists()
