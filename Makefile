@@ -36,3 +36,29 @@ browser:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Optional training backends, each in its own environment (their pins clash with the main set).
+# The stamp is rebuilt when the backend's requirements file changes; torch stays the CPU 2.13.0 wheel.
+.PHONY: env-axolotl env-unsloth
+AXOLOTL_VENV := .venv-axolotl
+UNSLOTH_VENV := .venv-unsloth
+
+env-axolotl: $(AXOLOTL_VENV)/.installed
+env-unsloth: $(UNSLOTH_VENV)/.installed
+
+$(AXOLOTL_VENV)/.installed: runner/backends/requirements-axolotl.txt
+	$(PY) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/pip install --quiet --upgrade pip
+	$(AXOLOTL_VENV)/bin/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(AXOLOTL_VENV)/bin/pip install --quiet -r $< $(TORCH_PIP_ARGS)
+	touch $@
+
+$(UNSLOTH_VENV)/.installed: runner/backends/requirements-unsloth.txt
+	$(PY) -m venv $(UNSLOTH_VENV)
+	$(UNSLOTH_VENV)/bin/pip install --quiet --upgrade pip
+	$(UNSLOTH_VENV)/bin/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(UNSLOTH_VENV)/bin/pip install --quiet -r $< $(TORCH_PIP_ARGS)
+	# PyPI's torchvision is built for CUDA torch: its operators fail to load on the CPU wheel and
+	# `import unsloth` refuses it. Nothing here needs torchvision.
+	$(UNSLOTH_VENV)/bin/pip uninstall --quiet -y torchvision || true
+	touch $@

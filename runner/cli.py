@@ -114,6 +114,8 @@ from .cli_chat import chat as _chat_cmd  # noqa: E402
 app.command("chat")(_chat_cmd)
 from .cli_data import data as _data_cmd  # noqa: E402
 app.command("data")(_data_cmd)
+from .cli_backend import export_config as _export_config_cmd  # noqa: E402
+app.command("export-config")(_export_config_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,64 @@
+"""Training backends: who trains a stage once the recipe, run directory and data are ready.
+
+- hf (default): transformers + peft + trl in this environment (runner/train.py).
+- axolotl: each stage becomes an axolotl config and runs as `axolotl train` in `.venv-axolotl`.
+- unsloth: FastLanguageModel 4-bit QLoRA in `.venv-unsloth`; it needs a GPU unless the recipe sets
+  `allow_cpu_fallback: true`.
+
+Every backend leaves the same things behind in runs/<name>/<stage>/: adapter/, metrics.jsonl and
+stage.json, so eval, export, compare and chat never need to know which one trained a stage.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import TunebookError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self, recipe) -> None:
+        """Refuse early, before anything is loaded, when this machine cannot run the recipe."""
+
+    def run_stage(self, recipe, stage, stage_dir: Path, model_ref: str, previous, prepared, tokenizer, log=print):
+        """Train one stage; return its StageOutcome (saved as stage_dir/stage.json)."""
+
+
+def get_backend(name: str) -> Backend | None:
+    """The backend called `name`; None for hf, which runner/pipeline.py runs itself."""
+    if name == "hf":
+        return None
+    if name == "axolotl":
+        from . import axolotl
+
+        return axolotl.BACKEND
+    if name == "unsloth":
+        from . import unsloth
+
+        return unsloth.BACKEND
+    raise TunebookError(f"unknown backend '{name}'\n    fix: use one of hf, axolotl, unsloth")
+
+
+def env_tool(env_var: str, venv: str, tool: str, make_target: str) -> Path:
+    """An executable in a backend's own environment: $env_var if set, else <repo>/<venv>/bin/<tool>
+    (or ./<venv>/bin/<tool>). A clear error naming the set-up command when there is none."""
+    override = os.environ.get(env_var)
+    if override:
+        path = Path(override).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise TunebookError(f"{env_var}={override} is not an executable file\n"
+                                f"    fix: point {env_var} at {venv}/bin/{tool} of an environment made by "
+                                f"`make {make_target}`, or unset it")
+        return path
+    for root in (REPO, Path.cwd()):
+        path = root / venv / "bin" / tool
+        if path.is_file():
+            return path
+    raise TunebookError(f"this backend runs in its own environment, and there is none at {REPO / venv}\n"
+                        f"    fix: run `make {make_target}` in {REPO} (or set {env_var} to the {tool} executable "
+                        "of an environment you made)")
