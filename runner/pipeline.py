@@ -81,12 +81,16 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     """Run the recipe's stages (or one of them) and return their outcomes."""
     from transformers import set_seed
 
+    from .backends import get_backend
     from .base_model import load_tokenizer
     from .data import make_collator, pack_examples, prepare_stage, recipe_dir
     from .model import build_stage_model, check_fits, check_quantization, load_base, model_source, resolve_dtype
 
     if only_stage is not None:
         recipe.stage(only_stage)  # a clear error for an unknown name
+    backend = get_backend(recipe.backend)  # None: hf, trained below; axolotl/unsloth run in their own environments
+    if backend is not None:
+        backend.check(recipe)  # e.g. unsloth without a GPU: refused before anything is loaded
     check_quantization(recipe.model)
     run_dir = prepare_run_dir(recipe)
     with _main_first():
@@ -125,6 +129,10 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     for stage in todo:
         i = recipe.stages.index(stage)
         previous = outcomes.get(recipe.stages[i - 1].name) if i > 0 else None
+        if backend is not None:
+            outcomes[stage.name] = backend.run_stage(recipe, stage, run_dir / stage.name, model_ref, previous,
+                                                     prepared[stage.name], tokenizer, log=log)
+            continue
         t = stage.train
         bf16 = autocast_bf16 if t.bf16 == "auto" else bool(t.bf16)
         log(f"stage {stage.name}: init {stage.init}, base {recipe.model.base}, dtype {str(dtype).split('.')[-1]}"
