@@ -10,6 +10,7 @@ stage.json, so eval, export, compare and chat never need to know which one train
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -62,3 +63,30 @@ def env_tool(env_var: str, venv: str, tool: str, make_target: str) -> Path:
     raise TunebookError(f"this backend runs in its own environment, and there is none at {REPO / venv}\n"
                         f"    fix: run `make {make_target}` in {REPO} (or set {env_var} to the {tool} executable "
                         "of an environment you made)")
+
+
+def merged_base(model_ref: str, recipe: Recipe, lineage: list[str], folder: Path, log=print) -> str:
+    """The base with the adapters of earlier `init: merge` stages merged in, saved once as a model folder
+    (axolotl and unsloth, unlike the hf backend, load their base from a folder: the merge happens here)."""
+    import torch
+    from peft import PeftModel
+
+    from .. import atomic
+    from ..base_model import load_tokenizer
+    from ..model import load_base, resolve_dtype
+
+    marker = folder / "merged-from.json"
+    if marker.is_file() and json.loads(marker.read_text()) == {"base": model_ref, "lineage": lineage}:
+        return str(folder)
+    log(f"merging {len(lineage)} adapter(s) into the base for the next stage ({folder})")
+    cfg = recipe.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False})
+    dtype = resolve_dtype(cfg) if cfg.dtype != "auto" else torch.float32
+    model = load_base(model_ref, cfg, dtype, for_training=False)
+    for adapter in lineage:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = load_tokenizer(recipe.model, base_dir=recipe._path.parent if recipe._path else None)
+    with atomic.atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "merged-from.json").write_text(json.dumps({"base": model_ref, "lineage": lineage}))
+    return str(folder)

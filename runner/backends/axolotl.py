@@ -31,7 +31,7 @@ from ..errors import TunebookError
 from ..metrics import FIELDS
 from ..recipe import Recipe, StageConfig
 from ..templates import END_OF_TURN, TEMPLATE_DIR, template_names
-from . import env_tool
+from . import env_tool, merged_base
 
 GPU_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
@@ -491,32 +491,6 @@ def _copy_adapter(output_dir: Path, adapter_dir: Path) -> None:
         for item in output_dir.iterdir():
             if item.is_file() and item.name not in ADAPTER_SKIP:
                 shutil.copy2(item, tmp / item.name)
-
-
-def merged_base(model_ref: str, recipe: Recipe, lineage: list[str], folder: Path, log=print) -> str:
-    """The base with the adapters of earlier `init: merge` stages merged in, saved once as a model folder
-    (axolotl, unlike the hf backend, cannot merge adapters into its base before training)."""
-    import torch
-    from peft import PeftModel
-
-    from ..base_model import load_tokenizer
-    from ..model import load_base, resolve_dtype
-
-    marker = folder / "merged-from.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"base": model_ref, "lineage": lineage}:
-        return str(folder)
-    log(f"merging {len(lineage)} adapter(s) into the base for the next stage ({folder})")
-    cfg = recipe.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False})
-    dtype = resolve_dtype(cfg) if cfg.dtype != "auto" else torch.float32
-    model = load_base(model_ref, cfg, dtype, for_training=False)
-    for adapter in lineage:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = load_tokenizer(recipe.model, base_dir=_recipe_dir(recipe))
-    with atomic.atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "merged-from.json").write_text(json.dumps({"base": model_ref, "lineage": lineage}))
-    return str(folder)
 
 
 def _run_axolotl(config_path: Path, log_path: Path, log) -> tuple[int, dict[str, list[float]]]:
