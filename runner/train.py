@@ -20,6 +20,7 @@ import torch
 from eval.perplexity import evaluate_torch
 
 from . import atomic
+from .fast_head import add_fast_lm_head
 from .metrics import MetricsLog
 from .model import device
 from .progress import StageProgress
@@ -222,6 +223,9 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
     )
     trainer.report = report
     trainer.remove_callback(PrinterCallback)  # our own progress replaces its printed dicts
+    # trl's fused head (installed by SFTTrainer) projects every position off Triton devices; ours only the
+    # trained ones, in fewer passes (runner/fast_head.py). Models it does not cover keep trl's.
+    add_fast_lm_head(trainer.model)
     return trainer
 
 
