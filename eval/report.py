@@ -57,22 +57,25 @@ def relative(new: float, old: float) -> str:
 
 
 def comparison_table(rows: list[StageRow]) -> str:
-    """The seed's table; 'Δ ppl' is the change of best perplexity from the row above."""
+    """The seed's table; 'Δ ppl' compares a row's best perplexity with the previous row of the same stage
+    name (the same validation data), e.g. the 1B run's `general` and the 3B run's `general`."""
     from runner.resolved import number_text
 
     head = ("| run | stage | model | backend | LoRA r | alpha | learning rate | micro batch | grad accum | "
-            "lowest val loss | best perplexity | step of best | Δ ppl vs row above |")
+            "lowest val loss | best perplexity | step of best | Δ ppl vs previous run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    previous = None
+    previous: dict[str, float] = {}
     for row in rows:
         best = row.best
         ppl = best["eval_ppl"] if best else None
-        delta = relative(ppl, previous) if ppl is not None and previous else "–"
+        before = previous.get(row.stage)
+        delta = relative(ppl, before) if ppl is not None and before else "–"
         lines.append(f"| {row.run} | {row.stage} | {row.model} | {row.backend} | {row.r} | {number_text(row.alpha)} | "
                      f"{number_text(row.learning_rate)} | {row.micro_batch} | {row.grad_accum} | "
                      f"{_num(best['eval_loss'] if best else None)} | {_num(ppl, 3)} | "
                      f"{best['step'] if best else '–'} | {delta} |")
-        previous = ppl if ppl is not None else previous
+        if ppl is not None:
+            previous[row.stage] = ppl
     return "\n".join(lines)
 
 
@@ -118,22 +121,21 @@ def plot_curves(rows: list[StageRow], out_dir: Path, prefix: str = "") -> list[P
 
 
 def forgetting_table(matrix: dict) -> str:
-    """rows: the model after stage k (and the base); columns: each stage's validation set; cells: perplexity,
-    with the change against the row where that stage was trained."""
-    stages = matrix["stages"]
+    """rows: the base model, then the model after each stage; columns: each stage's validation set;
+    cells: perplexity and its change from the row above (training a stage should lower its own column
+    and, ideally, leave the others where they were)."""
+    stages, rows, ppl = matrix["stages"], matrix["rows"], matrix["ppl"]
     lines = ["| model \\ val set | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
-    ppl = matrix["ppl"]
-    for after in matrix["rows"]:
+    for i, row in enumerate(rows):
         cells = []
-        for j, stage in enumerate(stages):
-            value = ppl[after].get(stage)
+        for stage in stages:
+            value = ppl[row].get(stage)
             cell = _num(value, 3)
-            own = ppl.get(stage, {}).get(stage)
-            if value is not None and own and after != stage and after != "base" and \
-                    matrix["rows"].index(after) > matrix["rows"].index(stage):
-                cell += f" ({relative(value, own)} vs after {stage})"
+            above = ppl[rows[i - 1]].get(stage) if i else None
+            if value is not None and above:
+                cell += f" ({relative(value, above)})"
             cells.append(cell)
-        lines.append(f"| {'base model' if after == 'base' else 'after ' + after} | " + " | ".join(cells) + " |")
+        lines.append(f"| {'base model' if row == 'base' else 'after ' + row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,7 +163,9 @@ def write_run_report(run_dir: Path, sections: dict[str, str] | None = None) -> P
     parts = [f"# {rows[0].run}", "", comparison_table(rows), ""]
     forgetting = run_dir / "forgetting.json"
     if forgetting.is_file():
-        parts += ["## Forgetting matrix (validation perplexity)", "", forgetting_table(json.loads(forgetting.read_text())), ""]
+        parts += ["## Forgetting matrix (validation perplexity)", "", forgetting_table(json.loads(forgetting.read_text())),
+                  "", "Each cell: perplexity of the model in that row on that stage's validation set, and in "
+                  "brackets its change from the row above.", ""]
     for title, body in (sections or {}).items():
         parts += [f"## {title}", "", body, ""]
     for image in images:

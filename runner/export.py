@@ -86,6 +86,18 @@ def gguf_path(recipe: Recipe, run_dir: Path, quant: str) -> Path:
     return run_dir / f"{recipe.name}-{quant}.gguf"
 
 
+def verification_summary(report: dict) -> str:
+    parts = []
+    for backend in ("transformers", "llama.cpp"):
+        r = report.get(backend)
+        if isinstance(r, dict) and "max_abs_diff" in r:
+            parts.append(f"{backend} max |Δlogit| {r['max_abs_diff']:.4g} ({r.get('rel_max_diff', 0):.1%} of the "
+                         f"largest logit), argmax agreement {r['argmax_agreement']:.1%}")
+        elif r:
+            parts.append(f"{backend}: {r}")
+    return f"{report.get('quant')} over {report.get('n_tokens')} probe tokens: " + "; ".join(parts)
+
+
 def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = None, log=print) -> Path:
     """Merge, write the GGUF and (by default) verify it. Returns the GGUF path."""
     from .gguf import write_gguf
@@ -111,5 +123,5 @@ def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = No
             out.replace(bad)
             log(f"verification failed: the GGUF was moved to {bad}")
             raise
-        log(f"verified: {report}")
+        log("verified: " + verification_summary(report))
     return out
