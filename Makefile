@@ -4,6 +4,8 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+AXOLOTL_VENV := .venv-axolotl
+UNSLOTH_VENV := .venv-unsloth
 # llama.cpp's native build segfaults on AMX Xeons for batches > 1 token (llama.cpp#20824).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export FORCE_CMAKE := 1
@@ -13,7 +15,8 @@ export FORCE_CMAKE := 1
 demo: $(STAMP)
 	$(BIN)/tunebook plan recipes/quickstart.yaml
 
-test: $(STAMP) browser
+# The tests of backend: axolotl run axolotl in its own environment: `make test` makes it (~2 min, ~4.3 GB).
+test: $(STAMP) browser $(AXOLOTL_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
@@ -38,11 +41,9 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Optional training backends, each in its own environment (their pins clash with the main set).
-# The stamp is rebuilt when the backend's requirements file changes; torch stays the CPU 2.13.0 wheel.
+# A stamp is rebuilt when its requirements file changes. torch 2.13.0 goes in first, from the index
+# TORCH_PIP_ARGS names (as for .venv), so the backend's own requirements never swap it for another build.
 .PHONY: env-axolotl env-unsloth
-AXOLOTL_VENV := .venv-axolotl
-UNSLOTH_VENV := .venv-unsloth
-
 env-axolotl: $(AXOLOTL_VENV)/.installed
 env-unsloth: $(UNSLOTH_VENV)/.installed
 

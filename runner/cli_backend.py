@@ -50,11 +50,10 @@ def export_config(
     else:
         print("\n---\n".join(configs.values()), end="")
     if check:
-        for name, text in configs.items():
-            if name in written:
-                validate(written[name])
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    (Path(tmp) / "config.yaml").write_text(text)
-                    validate(Path(tmp) / "config.yaml")
-            err.print(f"stage {name}: valid for axolotl (validate_config)", markup=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [written.get(name) or Path(tmp) / f"{name}.yaml" for name in configs]
+            for path, text in zip(paths, configs.values()):
+                if not path.exists():
+                    path.write_text(text)
+            validate(*paths)
+        err.print(f"valid for axolotl (its validate_config): {', '.join(configs)}", markup=False)

@@ -51,6 +51,7 @@ class StageFiles:
     val: Path | None = None
     val_set_size: float = 0.0
     per_turn_flags: bool = False  # turns carry TRAINING_FLAG (train_on: last_assistant)
+    rows: int = 0                 # conversations in train (+ val)
 
 
 class Unexpressible(TunebookError):
@@ -182,16 +183,10 @@ def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | No
     model, lora, t = recipe.model, recipe.lora, stage.train
     i = recipe.stages.index(stage)
     if base_model is None:
-        if stage.init == "merge" or any(s.init == "merge" for s in recipe.stages[1:i]):
-            raise TunebookError(
-                f"stage {stage.name} starts from a base with an earlier adapter merged in (init: merge), which an "
-                "axolotl config cannot say\n    fix: train the earlier stage, merge it (`axolotl merge-lora` or "
-                "`tunebook export`), set model.base to the merged folder and use init: fresh")
-        local = _local_path(model.base, _recipe_dir(recipe))
         if model.base.startswith("package:") or model.base.endswith(".gguf"):
             raise TunebookError(f"model.base {model.base}: axolotl loads hub ids and model folders only\n"
-                                "    fix: run `tunebook train` with backend: axolotl (it converts the base once), or "
-                                "set model.base to a folder saved with save_pretrained")
+                                "    fix: set model.base to a folder saved with save_pretrained, or a hub id")
+        local = _local_path(model.base, _recipe_dir(recipe))
         base_model = str(local) if local else model.base
     if lora_model_dir is None and i > 0 and stage.init == "continue":
         lora_model_dir = str(stage_output_dir(recipe, recipe.stages[i - 1]))
@@ -354,12 +349,12 @@ def write_stage_files(recipe: Recipe, stage: StageConfig, folder: Path, tokenize
         atomic.write_text(path, lines(train))
         size = stage.data.val_size
         log(f"stage {stage.name}: {len(train):,} conversations written to {path}")
-        return StageFiles(path, None, 1 / len(train) if size == 1 and train else size, flags)
+        return StageFiles(path, None, 1 / len(train) if size == 1 and train else size, flags, len(train))
     atomic.write_text(folder / "train.jsonl", lines(train))
     if val:
         atomic.write_text(folder / "val.jsonl", lines(val))
     log(f"stage {stage.name}: {len(train):,} training and {len(val):,} validation conversations written to {folder}")
-    return StageFiles(folder / "train.jsonl", folder / "val.jsonl" if val else None, 0.0, flags)
+    return StageFiles(folder / "train.jsonl", folder / "val.jsonl" if val else None, 0.0, flags, len(train) + len(val))
 
 
 def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path | None = None,
@@ -369,6 +364,23 @@ def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path
     A stage whose data axolotl can read itself points at its source; otherwise (or for every stage with
     data_dir) its conversations are written as JSON Lines (to data_dir, default the run directory) first."""
     stages = [recipe.stage(stage_name)] if stage_name else recipe.stages
+    for stage in stages:
+        i = recipe.stages.index(stage)
+        if any(s.init == "merge" for s in recipe.stages[1:i + 1]):
+            raise TunebookError(
+                f"stage {stage.name} starts from a base with an earlier adapter merged in (init: merge), which an "
+                "axolotl config cannot say\n    fix: train the earlier stage, merge it (`axolotl merge-lora` or "
+                "`tunebook export`), set model.base to the merged folder and use init: fresh; or run the recipe with "
+                "`tunebook train` and backend: axolotl, which merges for you")
+    if recipe.model.base.endswith(".gguf"):
+        raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
+                            "    fix: set model.base to a folder saved with save_pretrained, or a hub id")
+    base_model = None
+    if recipe.model.base.startswith("package:"):
+        from ..model import model_source
+
+        log(f"model.base is {recipe.model.base}: using its converted model folder (converted once, then cached)")
+        base_model = model_source(recipe.model, _recipe_dir(recipe), log)
     out = {}
     for stage in stages:
         files = None
@@ -380,7 +392,7 @@ def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path
                 files = write_stage_files(recipe, stage, stage_output_dir(recipe, stage).parent / "data", log=log)
         else:
             files = write_stage_files(recipe, stage, Path(data_dir) / stage.name, log=log)
-        cfg = axolotl_config(recipe, stage, files=files)
+        cfg = axolotl_config(recipe, stage, files=files, base_model=base_model)
         i = recipe.stages.index(stage)
         header = [f"axolotl config for stage '{stage.name}' ({i + 1} of {len(recipe.stages)}) of tunebook recipe "
                   f"'{recipe.name}'", "written by `tunebook export-config --to axolotl`; run: axolotl train FILE"]
@@ -397,32 +409,35 @@ import json, sys, yaml
 from pydantic import ValidationError
 from axolotl.utils.config import validate_config
 from axolotl.utils.dict import DictDefault
-with open(sys.argv[1], encoding="utf-8") as f:
-    cfg = DictDefault(yaml.safe_load(f))
-try:
-    validated = validate_config(cfg)
-except (ValidationError, ValueError) as exc:
-    print("INVALID " + json.dumps(str(exc)))
-    sys.exit(3)
-print("VALID " + json.dumps(dict(validated), default=str))
+for path in sys.argv[1:]:
+    with open(path, encoding="utf-8") as f:
+        cfg = DictDefault(yaml.safe_load(f))
+    try:
+        validated = validate_config(cfg)
+    except (ValidationError, ValueError) as exc:
+        print("INVALID " + json.dumps([path, str(exc)]), flush=True)
+        sys.exit(3)
+    print("VALID " + json.dumps(dict(validated), default=str), flush=True)
 """
 
 
-def validate(config_path: Path, timeout: int = 300) -> dict:
-    """Check a config file with axolotl's own `validate_config` (axolotl.utils.config), run in the axolotl
-    environment. Returns the validated config (defaults filled in); raises TunebookError with axolotl's message."""
+def validate(*config_paths: Path, timeout: int = 300) -> list[dict]:
+    """Check config files with axolotl's own `validate_config` (axolotl.utils.config), run in the axolotl
+    environment (one process for all). Returns the validated configs (axolotl's defaults filled in); raises
+    TunebookError with axolotl's message for the first invalid one."""
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1"}
-    res = subprocess.run([str(axolotl_python()), "-c", VALIDATE, str(config_path)], capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    last = [line for line in res.stdout.splitlines() if line.startswith(("VALID ", "INVALID "))]
-    if res.returncode == 0 and last and last[-1].startswith("VALID "):
-        return json.loads(last[-1][len("VALID "):])
-    if last and last[-1].startswith("INVALID "):
-        message = json.loads(last[-1][len("INVALID "):])
+    res = subprocess.run([str(axolotl_python()), "-c", VALIDATE, *map(str, config_paths)], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("VALID ", "INVALID "))]
+    valid = [json.loads(line[len("VALID "):]) for line in lines if line.startswith("VALID ")]
+    if res.returncode == 0 and len(valid) == len(config_paths):
+        return valid
+    if lines and lines[-1].startswith("INVALID "):
+        path, message = json.loads(lines[-1][len("INVALID "):])
     else:
-        message = (res.stderr or res.stdout)[-3000:]
-    raise TunebookError(f"axolotl's validate_config rejects {config_path}:\n{message}\n"
-                        "    fix: this is a translation gap; please report it with the recipe")
+        path, message = config_paths[len(valid)], (res.stderr or res.stdout)[-3000:]
+    raise TunebookError(f"axolotl's validate_config rejects {path}:\n{message}\n"
+                        "    fix: this is a gap in tunebook's translation; please report it with the recipe")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -552,6 +567,8 @@ class AxolotlBackend:
         cfg["auto_resume_from_checkpoints"] = True  # a rerun after an interruption resumes
         if not stage.train.save_steps and not cfg.get("save_steps"):
             cfg["save_steps"] = stage.train.max_steps or 10**9  # one checkpoint at the end: its trainer_state.json
+        if files.rows < 10_000:
+            cfg["dataset_num_proc"] = 1  # worker processes cost more than they save on small data (~5 s a dataset)
         if tokenizer.pad_token:
             cfg["special_tokens"] = {"pad_token": tokenizer.pad_token}
         config_path = work / "config.yaml"

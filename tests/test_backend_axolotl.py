@@ -1,0 +1,311 @@
+"""backend: axolotl. The translation of a recipe into axolotl configs (checked by axolotl's own
+validate_config), `tunebook export-config`, and a real two-stage axolotl training of a tiny Llama on CPU
+whose metrics land in the run directory and sit beside an hf-backend run in `tunebook compare`.
+
+The tests marked `needs_axolotl` run axolotl in .venv-axolotl, which `make test` creates (`make env-axolotl`).
+Without it they FAIL with that instruction: a skipped backend test would look like a passing one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from runner.backends.axolotl import (GPU_KERNELS, axolotl_config, config_yaml, export_configs, metrics_rows,
+                                     validate, write_stage_files)
+from runner.errors import TunebookError
+from runner.metrics import read_metrics
+from runner.recipe import load_recipe
+from train_support import ROOT, chat_data, tiny_base, two_stage_recipe, write_recipe
+
+
+@pytest.fixture(scope="session")
+def axolotl_env():
+    from runner.backends.axolotl import axolotl_exe
+
+    try:
+        return axolotl_exe()
+    except TunebookError as exc:
+        pytest.fail(f"the axolotl environment is missing: run `make env-axolotl` (or `make test`, which makes it)\n{exc}",
+                    pytrace=False)
+
+
+def configs_of(recipe_file, tmp_path, **kw):
+    recipe = load_recipe(ROOT / "recipes" / recipe_file, [f"output_dir={tmp_path}"])
+    return recipe, {name: yaml.safe_load(text) for name, text in export_configs(recipe, log=lambda m: None, **kw).items()}
+
+
+# ------------------------------------------------------------------------------------------- translation
+
+def test_finetome_translation(tmp_path):
+    _, configs = configs_of("finetome-llama-3.1-8b.yaml", tmp_path)
+    cfg = configs["general"]
+    assert cfg["base_model"] == "unsloth/Meta-Llama-3.1-8B-Instruct"
+    assert cfg["adapter"] == "qlora" and cfg["load_in_4bit"] is True
+    assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_target_linear"]) == (32, 32, 0.0, True)
+    ds = cfg["datasets"][0]
+    assert ds["path"] == "mlabonne/FineTome-100k" and ds["type"] == "chat_template" and ds["split"] == "train"
+    assert ds["field_messages"] == "conversations"
+    assert ds["message_property_mappings"] == {"role": "from", "content": "value"}
+    assert ds["roles_to_train"] == ["assistant"] and ds["train_on_eos"] == "turn"
+    assert cfg["chat_template"] == "jinja" and "{% generation %}" in cfg["chat_template_jinja"].replace("-%}", "%}") \
+        .replace("{%-", "{%")
+    assert cfg["eot_tokens"] == ["<|eot_id|>"]
+    assert cfg["sequence_len"] == 2048 and cfg["sample_packing"] is False and cfg["val_set_size"] == 0.01
+    assert (cfg["max_steps"], cfg["micro_batch_size"], cfg["gradient_accumulation_steps"]) == (500, 1, 8)
+    assert (cfg["learning_rate"], cfg["lr_scheduler"], cfg["warmup_steps"]) == (1e-4, "linear", 5)
+    assert (cfg["eval_steps"], cfg["save_steps"], cfg["optimizer"], cfg["seed"]) == (50, 50, "adamw_torch", 3407)
+    assert "num_epochs" not in cfg and "lora_model_dir" not in cfg
+    assert cfg["output_dir"] == str(tmp_path / "finetome-llama-3.1-8b" / "general" / "axolotl" / "output")
+    assert not any(k in cfg for k in GPU_KERNELS)  # an export is for GPU machines: axolotl picks its kernels
+
+
+def test_vetai_translation_continues_and_writes_the_vet_data(tmp_path):
+    recipe, configs = configs_of("vetai-llama-3.1-8b.yaml", tmp_path)
+    general, vet = configs["general"], configs["vet"]
+    assert vet["lora_model_dir"] == general["output_dir"]  # init: continue
+    assert vet["num_epochs"] == 1 and "max_steps" not in vet and vet["learning_rate"] == 5e-5
+    # the system prompt has no axolotl equivalent: the conversations are written (system turn included)
+    ds = vet["datasets"][0]
+    path = tmp_path / "vetai-llama-3.1-8b" / "vet" / "axolotl" / "data" / "vet.jsonl"
+    assert ds["path"] == str(path) and ds["ds_type"] == "json" and ds["field_messages"] == "messages"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 483 and vet["val_set_size"] == 0.1
+    assert all(r["messages"][0]["role"] == "system" and r["messages"][0]["content"].startswith("You are VetAI")
+               for r in rows)
+
+
+def test_messages_fields_formats_and_training_options(tmp_path):
+    base = tiny_base(tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"dialog": [{"speaker": "user", "text": "hi"},
+                                                             {"speaker": "assistant", "text": "hello"}]}) + "\n")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n"
+                                              for i in range(10)))
+    recipe = load_recipe(write_recipe(tmp_path, f"""
+        name: t
+        output_dir: {tmp_path / 'runs'}
+        model: {{base: {base}, chat_template: chatml, load_in_8bit: true, dtype: bfloat16}}
+        lora: {{r: 8, alpha: 16, target_modules: [q_proj, v_proj], use_rslora: true}}
+        stages:
+          - name: one
+            data: {{source: d.jsonl, format: messages, fields: {{messages: dialog, role: speaker, content: text}}, val_size: 0.2}}
+            train: {{max_steps: 10, lr_scheduler: cosine, warmup_ratio: 0.1, optimizer: paged_adamw_8bit, packing: true,
+                     keep: best, eval_steps: 4, save_steps: 6}}
+          - name: two
+            init: fresh
+            data: {{source: a.jsonl, format: alpaca, train_on: last_assistant, val_size: 2}}
+            train: {{num_epochs: 2, bf16: false}}
+        """))
+    one = axolotl_config(recipe, recipe.stages[0], cpu=True)
+    assert one["base_model"] == str(base) and one["adapter"] == "lora" and one["load_in_8bit"] is True
+    assert one["lora_target_modules"] == ["q_proj", "v_proj"] and "lora_target_linear" not in one
+    assert one["peft_use_rslora"] is True and one["chat_template_jinja"].count("<|im_start|>") > 0
+    ds = one["datasets"][0]
+    assert ds["field_messages"] == "dialog" and ds["message_property_mappings"] == {"role": "speaker", "content": "text"}
+    assert ds["path"] == str(tmp_path / "d.jsonl")
+    assert (one["lr_scheduler"], one["warmup_ratio"], one["optimizer"]) == ("cosine", 0.1, "paged_adamw_8bit")
+    assert one["sample_packing"] is True and one["eval_sample_packing"] is False
+    assert one["load_best_model_at_end"] is True and one["metric_for_best_model"] == "eval_loss"
+    assert one["save_steps"] == 4  # keep: best saves at every evaluation
+    assert (one["bf16"], one["fp16"]) == (True, False)
+    assert all(one[k] is False for k in GPU_KERNELS)
+
+    with pytest.raises(TunebookError, match="alpaca"):
+        axolotl_config(recipe, recipe.stages[1])
+    files = write_stage_files(recipe, recipe.stages[1], tmp_path / "data")
+    two = axolotl_config(recipe, recipe.stages[1], files=files)
+    assert two["num_epochs"] == 2 and two["bf16"] is False and "lora_model_dir" not in two  # init: fresh
+    assert two["datasets"][0]["message_field_training"] == "training" and two["val_set_size"] == 2
+    first = json.loads(files.train.read_text().splitlines()[0])["messages"]
+    assert [(t["role"], t["training"]) for t in first] == [("user", False), ("assistant", True)]
+
+
+def test_same_split_as_the_hf_backend(tmp_path):
+    """With the tokenizer, the files hold exactly the samples prepare_stage trains and validates on."""
+    from runner.base_model import load_tokenizer
+    from runner.data import prepare_stage
+
+    recipe = load_recipe(two_stage_recipe(tmp_path))
+    tokenizer = load_tokenizer(recipe.model)
+    stage = recipe.stages[0]
+    files = write_stage_files(recipe, stage, tmp_path / "files", tokenizer)
+    prepared = prepare_stage(recipe, stage, tokenizer, cache_dir=tmp_path / "cache", log=lambda m: None)
+    from runner.data_tokenize import tokenize_conversations
+
+    for path, examples in ((files.train, prepared.train), (files.val, prepared.val)):
+        convs = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+        ids = tokenize_conversations(convs, tokenizer.chat_template, tokenizer, train_on="assistant",
+                                     max_length=recipe.model.max_seq_length, truncation="truncate").examples
+        assert [e["input_ids"] for e in ids] == [e["input_ids"] for e in examples]
+
+
+def test_metrics_rows_from_log_history():
+    history = [
+        {"epoch": 0, "eval_loss": 6.0, "step": 0},  # axolotl's evaluation before training: left out
+        {"epoch": 0.1, "loss": 5.0, "learning_rate": 1e-3, "grad_norm": 0.5, "tokens/trainable": 80, "step": 1},
+        {"epoch": 0.2, "loss": 4.0, "learning_rate": 5e-4, "grad_norm": 0.4, "tokens/trainable": 160, "step": 2},
+        {"epoch": 0.2, "eval_loss": 4.5, "eval_ppl": 90.0, "step": 2},
+        {"train_runtime": 3.0, "step": 2},
+    ]
+    rows = metrics_rows(history, {"train": [1.0, 2.0], "eval": [0.5, 2.5]})
+    assert rows == [
+        {"step": 1, "epoch": 0.1, "loss": 5.0, "learning_rate": 1e-3, "grad_norm": 0.5, "tokens_seen": 80, "seconds": 1.0},
+        {"step": 2, "epoch": 0.2, "loss": 4.0, "learning_rate": 5e-4, "grad_norm": 0.4, "tokens_seen": 160, "seconds": 2.0},
+        {"step": 2, "epoch": 0.2, "eval_loss": 4.5, "eval_ppl": math.exp(4.5), "tokens_seen": 160, "seconds": 2.5},
+    ]
+    # a resumed process printed only the newest rows: the older ones get no time
+    resumed = metrics_rows(history, {"train": [7.0], "eval": [8.0]})
+    assert "seconds" not in resumed[0] and resumed[1]["seconds"] == 7.0 and resumed[2]["seconds"] == 8.0
+
+
+def test_missing_environment_says_how_to_make_it(tmp_path, monkeypatch):
+    import runner.backends as backends
+    from runner.backends import get_backend
+
+    monkeypatch.setattr(backends, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUNEBOOK_AXOLOTL", raising=False)
+    recipe = load_recipe(two_stage_recipe(tmp_path), ["backend=axolotl"])
+    with pytest.raises(TunebookError, match="make env-axolotl"):
+        get_backend("axolotl").check(recipe)
+    monkeypatch.setenv("TUNEBOOK_AXOLOTL", str(tmp_path / "nope" / "axolotl"))
+    with pytest.raises(TunebookError, match="TUNEBOOK_AXOLOTL"):
+        get_backend("axolotl").check(recipe)
+
+
+# ------------------------------------------------------------------------------- axolotl's own schema
+
+@pytest.mark.usefixtures("axolotl_env")
+def test_seed_recipes_pass_axolotls_validate_config(tmp_path):
+    paths = []
+    for recipe_file in ("finetome-llama-3.1-8b.yaml", "vetai-llama-3.1-8b.yaml"):
+        recipe = load_recipe(ROOT / "recipes" / recipe_file, [f"output_dir={tmp_path}"])
+        for name, text in export_configs(recipe, log=lambda m: None).items():
+            paths.append(tmp_path / f"{recipe.name}-{name}.yaml")
+            paths[-1].write_text(text)
+    validated = validate(*paths)
+    assert len(validated) == 3
+    for cfg in validated:  # axolotl read our keys as we meant them
+        assert cfg["adapter"] == "qlora" and cfg["lora_r"] == 32 and cfg["sequence_len"] == 2048
+        assert cfg["datasets"][0]["type"] == "chat_template" and cfg["chat_template"] == "jinja"
+    assert validated[0]["max_steps"] == 500 and validated[2]["num_epochs"] == 1.0
+    assert validated[2]["lora_model_dir"].endswith("general/axolotl/output")
+
+
+@pytest.mark.usefixtures("axolotl_env")
+def test_validate_config_rejects_a_broken_config(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config_yaml({"base_model": "x", "adapter": "lora", "datasets": [{"path": "d.jsonl"}],
+                                 "micro_batch_size": "many"}))
+    with pytest.raises(TunebookError, match="validate_config"):
+        validate(path)
+
+
+@pytest.mark.usefixtures("axolotl_env")
+def test_export_config_cli(tmp_path):
+    run = [sys.executable, "-m", "runner.cli", "export-config", str(ROOT / "recipes" / "finetome-llama-3.1-8b.yaml"),
+           "--to", "axolotl", "--set", f"output_dir={tmp_path}"]
+    res = subprocess.run(run + ["--stage", "general", "--check"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert yaml.safe_load(res.stdout)["base_model"] == "unsloth/Meta-Llama-3.1-8B-Instruct"
+    assert "valid for axolotl" in res.stderr
+    res = subprocess.run(run + ["--out", str(tmp_path / "ft.yaml")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0 and yaml.safe_load((tmp_path / "ft.yaml").read_text())["max_steps"] == 500
+    res = subprocess.run(run + ["--stage", "nope"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "no stage named 'nope'" in res.stderr
+
+
+# ------------------------------------------------------------------------------------ a real axolotl run
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, axolotl_env):
+    """The two-stage tiny recipe trained by axolotl, and the same recipe by the hf backend."""
+    from runner.pipeline import train_recipe
+
+    folder = tmp_path_factory.mktemp("axolotl-run")
+    path = two_stage_recipe(folder, name="ax")
+    logs: list[str] = []
+    axolotl = load_recipe(path, ["backend=axolotl"])
+    outcomes = train_recipe(axolotl, log=logs.append)
+    hf = load_recipe(path, ["name=hf"])
+    train_recipe(hf, log=lambda m: None)
+    return axolotl, outcomes, hf.run_dir(), logs
+
+
+def test_axolotl_trains_both_stages(runs):
+    recipe, outcomes, _, logs = runs
+    assert [(o.name, o.status, o.steps) for o in outcomes] == [("general", "done", 6), ("vet", "done", 4)]
+    assert any("axolotl train" in m and "--launcher python" in m for m in logs)
+    run_dir = recipe.run_dir()
+    general = yaml.safe_load((run_dir / "general" / "axolotl" / "config.yaml").read_text())
+    vet = yaml.safe_load((run_dir / "vet" / "axolotl" / "config.yaml").read_text())
+    assert all(general[k] is False for k in GPU_KERNELS)  # no GPU here
+    assert vet["lora_model_dir"] == str((run_dir / "general" / "adapter").resolve())
+    assert general["test_datasets"][0]["path"].endswith("general/axolotl/data/val.jsonl")
+
+
+def test_axolotl_metrics_land_in_the_run_dir(runs):
+    recipe, outcomes, _, _ = runs
+    for outcome, steps in zip(outcomes, (6, 4)):
+        rows = read_metrics(recipe.run_dir() / outcome.name / "metrics.jsonl")
+        evals = [r for r in rows if "eval_loss" in r]
+        assert [r["step"] for r in evals] == list(range(2, steps + 1, 2))
+        for r in evals:
+            assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12)
+        train = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in train] == list(range(1, steps + 1))
+        assert all(r["tokens_seen"] > 0 and r["seconds"] > 0 and r["learning_rate"] > 0 and "grad_norm" in r
+                   for r in train)
+        assert train[-1]["tokens_seen"] > train[0]["tokens_seen"] and train[-1]["seconds"] > train[0]["seconds"]
+        best = min(evals, key=lambda r: r["eval_loss"])
+        assert (outcome.best_step, outcome.best_eval_loss) == (best["step"], best["eval_loss"])
+        saved = json.loads((recipe.run_dir() / outcome.name / "stage.json").read_text())
+        assert saved["status"] == "done" and saved["adapter"] == outcome.adapter
+
+
+def test_axolotl_adapters_score_the_same_in_tunebook(runs):
+    """The forgetting matrix scores each adapter with tunebook's own evaluator on tunebook's validation sets:
+    it matches axolotl's last evaluation (same samples; equal-length batches, so batch means = token mean),
+    and the vet stage started from the general adapter (its step-0 evaluation is the general adapter on vet)."""
+    recipe, _, _, _ = runs
+    run_dir = recipe.run_dir()
+    matrix = json.loads((run_dir / "forgetting.json").read_text())
+    for stage in ("general", "vet"):
+        last = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if "eval_loss" in r][-1]
+        assert matrix["loss"][stage][stage] == pytest.approx(last["eval_loss"], rel=1e-3)
+        adapter = run_dir / stage / "adapter"
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer_config.json").is_file()
+        assert "generation" in (adapter / "chat_template.jinja").read_text()
+    state = next((run_dir / "vet" / "axolotl" / "output").glob("checkpoint-*/trainer_state.json"))
+    start = next(e for e in json.loads(state.read_text())["log_history"] if e.get("step") == 0 and "eval_loss" in e)
+    assert start["eval_loss"] == pytest.approx(matrix["loss"]["general"]["vet"], rel=1e-3)
+
+
+def test_compare_shows_axolotl_beside_hf(runs, tmp_path):
+    from eval.report import write_compare_report
+
+    recipe, _, hf_dir, _ = runs
+    text = write_compare_report([recipe.run_dir(), hf_dir], tmp_path).read_text()
+    for run, backend in ((recipe.run_dir(), "axolotl"), (hf_dir, "hf")):
+        for stage in ("general", "vet"):
+            row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} | {stage} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            best = min((r for r in read_metrics(run / stage / "metrics.jsonl") if "eval_loss" in r),
+                       key=lambda r: r["eval_loss"])
+            assert cells[3] == backend and cells[9] == f"{best['eval_loss']:.4f}" and cells[11] == str(best["step"])
+    assert len(list(tmp_path.glob("*.png"))) == 4 + 2
+
+
+def test_rerun_skips_finished_axolotl_stages(runs):
+    from runner.pipeline import train_recipe
+
+    recipe, _, _, _ = runs
+    logs: list[str] = []
+    outcomes = train_recipe(recipe, log=logs.append)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert not any("axolotl train" in m for m in logs)
