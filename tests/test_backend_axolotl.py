@@ -309,3 +309,44 @@ def test_rerun_skips_finished_axolotl_stages(runs):
     outcomes = train_recipe(recipe, log=logs.append)
     assert [o.status for o in outcomes] == ["done", "done"]
     assert not any("axolotl train" in m for m in logs)
+
+
+def test_ctrl_c_waits_for_the_backend_process_and_says_how_to_resume(tmp_path):
+    """Ctrl-C reaches the backend's process too; tunebook lets it finish (it may be saving a checkpoint)."""
+    import os
+    import signal
+    import threading
+
+    from runner.backends import Interrupted, run_logged
+
+    marker = tmp_path / "child-finished"
+    child = f"import time; print('training', flush=True); time.sleep(2); open({str(marker)!r}, 'w').close()"
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(Interrupted, match="run the same command again") as caught:
+        run_logged([sys.executable, "-c", child], dict(os.environ), tmp_path / "log", lambda line: None, "general")
+    assert caught.value.exit_code == 130 and marker.exists()
+    assert (tmp_path / "log").read_text() == "training\n"
+
+
+def test_merge_init_base_is_the_previous_adapter_merged_in(runs, tmp_path):
+    """init: merge on axolotl trains a fresh adapter on a base folder with the earlier adapters merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eval.perplexity import evaluate_torch
+    from runner.backends import merged_base
+    from runner.base_model import load_tokenizer
+    from runner.data import prepare_stage
+
+    recipe, outcomes, _, _ = runs
+    folder = tmp_path / "merged"
+    assert merged_base(recipe.model.base, recipe, [outcomes[0].adapter], folder, log=lambda m: None) == str(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = load_tokenizer(recipe.model)
+    val = prepare_stage(recipe, recipe.stages[0], tokenizer, log=lambda m: None).val
+    matrix = json.loads((recipe.run_dir() / "forgetting.json").read_text())
+    assert evaluate_torch(model, val, batch_size=4, progress=False, pad_id=tokenizer.pad_token_id).loss == \
+        pytest.approx(matrix["loss"]["general"]["general"], rel=1e-5)
+    stamp = (folder / "merged-from.json").stat().st_mtime_ns
+    merged_base(recipe.model.base, recipe, [outcomes[0].adapter], folder, log=lambda m: None)
+    assert (folder / "merged-from.json").stat().st_mtime_ns == stamp  # made once

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..errors import TunebookError
 
@@ -43,6 +44,48 @@ def get_backend(name: str) -> Backend | None:
 
         return unsloth.BACKEND
     raise TunebookError(f"unknown backend '{name}'\n    fix: use one of hf, axolotl, unsloth")
+
+
+class Interrupted(TunebookError):
+    exit_code = 130
+
+
+def check_single_process(name: str) -> None:
+    """axolotl and unsloth start their own training process: under `accelerate launch` every rank would."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TunebookError(f"backend: {name} runs its own training process and cannot run under a multi-process "
+                            "launch\n    fix: run `tunebook train` directly (no accelerate launch/torchrun), or "
+                            "use backend: hf for several ranks")
+
+
+def run_logged(cmd: list[str], env: dict, log_path: Path, on_line: Callable[[str], None], stage: str) -> int:
+    """Run a backend's process, keeping its whole output in log_path and handing each line to on_line.
+    Ctrl-C reaches the child too (same process group): wait for it to stop on its own (it may be saving),
+    then report the interruption; a rerun of the same command resumes from the last checkpoint."""
+    with open(log_path, "w", encoding="utf-8") as keep, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+                             errors="replace") as proc:
+        try:
+            for line in proc.stdout:  # text mode: carriage returns (progress bars) arrive as line ends
+                keep.write(line)
+                on_line(line)
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise Interrupted(f"interrupted in stage {stage}; checkpoints are kept\n"
+                              "    to resume: run the same command again") from None
+    return proc.returncode
+
+
+def failed(what: str, code: int, stage: str, log_path: Path) -> TunebookError:
+    """The error for a backend process that stopped with a non-zero status: the end of its log, and where it is."""
+    tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
+    error = Interrupted if code in (130, -2) else TunebookError
+    return error(f"{what} stopped with exit status {code} in stage {stage}; the end of its log ({log_path}):\n"
+                 f"{tail}\n    fix: see the log; rerunning the same command resumes from the last checkpoint")
 
 
 def env_tool(env_var: str, venv: str, tool: str, make_target: str) -> Path:

@@ -31,7 +31,7 @@ from ..errors import TunebookError
 from ..metrics import FIELDS
 from ..recipe import Recipe, StageConfig
 from ..templates import END_OF_TURN, TEMPLATE_DIR, template_names
-from . import env_tool, merged_base
+from . import check_single_process, env_tool, failed, merged_base, run_logged
 
 GPU_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
@@ -508,38 +508,32 @@ def _copy_adapter(output_dir: Path, adapter_dir: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
-def _run_axolotl(config_path: Path, log_path: Path, log) -> tuple[int, dict[str, list[float]]]:
+def _run_axolotl(config_path: Path, log_path: Path, stage: str, log) -> tuple[int, dict[str, list[float]]]:
     """`axolotl train CONFIG --launcher python`, its output kept in log_path; train/eval log lines are passed
     on to `log`. Returns (exit status, wall-clock seconds of each printed train/eval line since training began)."""
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [str(axolotl_exe()), "train", str(config_path), "--launcher", "python"]
     seconds: dict[str, list[float]] = {"train": [], "eval": []}
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as keep, \
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             bufsize=1, errors="replace") as proc:
-        try:
-            for line in proc.stdout:  # text mode: tqdm's carriage returns arrive as line ends
-                keep.write(line)
-                if "Starting trainer" in line:
-                    start = time.perf_counter()
-                found = METRIC_LINE.search(line)
-                if found:
-                    seconds["train" if found.group(1) == "loss" else "eval"].append(time.perf_counter() - start)
-                    log("axolotl: " + line[found.start():].strip())
-                elif "[ERROR]" in line or line.startswith(("Traceback", "RuntimeError", "ValueError")):
-                    log("axolotl: " + line.rstrip())
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=60)
-            raise
-    return proc.returncode, seconds
+    start = [time.perf_counter()]
+
+    def on_line(line: str) -> None:
+        if "Starting trainer" in line:
+            start[0] = time.perf_counter()
+        found = METRIC_LINE.search(line)
+        if found:
+            seconds["train" if found.group(1) == "loss" else "eval"].append(time.perf_counter() - start[0])
+            log("axolotl: " + line[found.start():].strip())
+        elif "[ERROR]" in line or line.startswith(("Traceback", "RuntimeError", "ValueError")):
+            log("axolotl: " + line.rstrip())
+
+    return run_logged(cmd, env, log_path, on_line, stage), seconds
 
 
 class AxolotlBackend:
     name = "axolotl"
 
     def check(self, recipe: Recipe) -> None:
+        check_single_process(self.name)
         axolotl_exe()  # the environment exists (else: run `make env-axolotl`)
         if recipe.model.base.endswith(".gguf"):
             raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
@@ -575,15 +569,9 @@ class AxolotlBackend:
         atomic.write_text(config_path, config_yaml(cfg, f"stage {stage.name} of recipe {recipe.name} "
                                                         f"(stage {i + 1} of {len(recipe.stages)}), run by tunebook"))
         log(f"stage {stage.name}: axolotl train {config_path} --launcher python (log: {work / 'axolotl.log'})")
-        code, seconds = _run_axolotl(config_path, work / "axolotl.log", log)
+        code, seconds = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
         if code != 0:
-            tail = "".join((work / "axolotl.log").read_text(errors="replace").splitlines(True)[-25:])
-            error = TunebookError(f"axolotl stopped with exit status {code} in stage {stage.name}; the end of its log "
-                                  f"({work / 'axolotl.log'}):\n{tail}\n    fix: see the log; rerunning the same "
-                                  "command resumes from the last checkpoint")
-            if code in (130, -2):
-                error.exit_code = 130
-            raise error
+            raise failed("axolotl", code, stage.name, work / "axolotl.log")
         state = read_trainer_state(work / "output")
         rows = metrics_rows(state["log_history"], seconds)
         metrics = MetricsLog(stage_dir / "metrics.jsonl")

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import Recipe, StageConfig
-from . import env_tool, merged_base
+from . import check_single_process, env_tool, failed, merged_base, run_logged
 
 WORKER = Path(__file__).with_name("unsloth_worker.py")
 
@@ -87,6 +87,7 @@ class UnslothBackend:
 
     def check(self, recipe: Recipe) -> None:
         refuse_without_gpu(recipe)  # first: it must not depend on anything else being there
+        check_single_process(self.name)
         if recipe.lora.use_dora:
             raise TunebookError("lora.use_dora: unsloth trains plain LoRA only\n"
                                 "    fix: set lora.use_dora: false, or backend: hf")
@@ -125,21 +126,14 @@ class UnslothBackend:
             log(f"stage {stage.name}: allow_cpu_fallback is set" + ("" if gpu else ": no GPU here, unsloth trains on "
                                                                         "the CPU (much slower)"))
         log(f"stage {stage.name}: unsloth in {unsloth_python().parent.parent} (log: {work / 'unsloth.log'})")
-        with open(work / "unsloth.log", "w", encoding="utf-8") as keep, \
-                subprocess.Popen([str(unsloth_python()), "-P", str(WORKER), str(work / "job.json")], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, errors="replace") as proc:
-            for line in proc.stdout:
-                keep.write(line)
-                if line.startswith(("tunebook-unsloth:", "Unsloth", "Traceback")) or "Error" in line[:40]:
-                    log(line.rstrip().removeprefix("tunebook-unsloth: "))
-        if proc.returncode != 0:
-            tail = "".join((work / "unsloth.log").read_text(errors="replace").splitlines(True)[-25:])
-            error = TunebookError(f"unsloth stopped with exit status {proc.returncode} in stage {stage.name}; the end "
-                                  f"of its log ({work / 'unsloth.log'}):\n{tail}\n    fix: see the log; rerunning the "
-                                  "same command resumes from the last checkpoint")
-            if proc.returncode in (130, -2):
-                error.exit_code = 130
-            raise error
+        def on_line(line: str) -> None:
+            if line.startswith(("tunebook-unsloth:", "Unsloth", "Traceback")) or "Error" in line[:40]:
+                log(line.rstrip().removeprefix("tunebook-unsloth: "))
+
+        cmd = [str(unsloth_python()), "-P", str(WORKER), str(work / "job.json")]
+        code = run_logged(cmd, env, work / "unsloth.log", on_line, stage.name)
+        if code != 0:
+            raise failed("unsloth", code, stage.name, work / "unsloth.log")
         result = json.loads((work / "result.json").read_text())
         with atomic.atomic_dir(stage_dir / "adapter") as tmp:
             for item in Path(job["out"]["adapter"]).iterdir():
