@@ -12,8 +12,13 @@ export FORCE_CMAKE := 1
 
 .PHONY: demo test setup clean-venv
 
+# The quickstart end to end (a rerun skips what is finished), then the command that opens its chat.
 demo: $(STAMP)
-	$(BIN)/tunebook plan recipes/quickstart.yaml
+	$(BIN)/tunebook train recipes/quickstart.yaml
+	@echo
+	@echo "report: runs/quickstart/report.md"
+	@echo "open the chat on the trained model:"
+	@echo "  $(BIN)/tunebook chat runs/quickstart"
 
 # The tests of backend: axolotl run axolotl in its own environment: `make test` makes it (~2 min, ~4.3 GB).
 test: $(STAMP) browser $(AXOLOTL_VENV)/.installed

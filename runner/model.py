@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import TunebookError
+from .fast_head import add_fast_lm_head
 from .base_model import resolve_base
 from .package_model import materialize
 from .recipe import LoraConfig, ModelConfig
@@ -155,6 +156,7 @@ def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         model.to(device())
     model.config.use_cache = False
+    add_fast_lm_head(model)  # perplexity (and training) score only label-bearing positions through the LM head
     return model
 
 

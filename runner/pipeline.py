@@ -3,7 +3,9 @@ resumes from its last checkpoint, and everything that can fail cheaply fails bef
 from __future__ import annotations
 
 import gc
+import json
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -80,6 +82,8 @@ def prepare_run_dir(recipe: Recipe) -> Path:
 def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> list[StageOutcome]:
     """Run the recipe's stages (or one of them) and return their outcomes."""
     from transformers import set_seed
+
+    started = time.time()
 
     from .backends import get_backend
     from .base_model import load_tokenizer
@@ -161,22 +165,54 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
             + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if outcome.best_eval_ppl else "")
             + f"; adapter in {outcome.adapter}")
     if only_stage is None and all(s.name in outcomes for s in recipe.stages) and _is_main():
-        finish_run(recipe, run_dir, model_ref, dtype, tokenizer, prepared, log)
+        finish_run(recipe, run_dir, model_ref, dtype, tokenizer, prepared, log,
+                   wall_start=started if len(todo) == len(recipe.stages) else None)
     return [outcomes[s.name] for s in recipe.stages if s.name in outcomes]
 
 
-def finish_run(recipe: Recipe, run_dir: Path, model_ref: str, dtype, tokenizer, prepared: dict, log=print) -> None:
-    """After the last stage: the forgetting matrix (several stages), the export (when the recipe asks), the report."""
+def finish_run(recipe: Recipe, run_dir: Path, model_ref: str, dtype, tokenizer, prepared: dict, log=print,
+               wall_start: float | None = None) -> None:
+    """After the last stage: the forgetting matrix (several stages), the export and its quality checks (when the
+    recipe asks), the report; each skipped when a previous run left it up to date. `wall_start`: when this
+    command started, if it trained every stage (the report then gives the run's wall time)."""
     from eval.report import write_run_report
 
+    from . import quality
     from .forgetting import forgetting_matrix
 
     if len(recipe.stages) > 1 and not (run_dir / "forgetting.json").is_file():
         forgetting_matrix(recipe, run_dir, model_ref, dtype, {k: v.val for k, v in prepared.items()},
                           tokenizer.pad_token_id, log=log)
     if recipe.export is not None:
-        from .export import export_run
-
-        export_run(run_dir, log=log)
-    report = write_run_report(run_dir)
+        gguf = export_once(recipe, run_dir, log)
+        last = recipe.stages[-1]
+        if prepared[last.name].val:
+            quality.check_export(run_dir, gguf, last.name, prepared[last.name].val, tokenizer,
+                                 last.data.system_prompt, log=log)
+    if wall_start is not None:
+        atomic.write_text(run_dir / "wall.json", json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
+    report = run_dir / "report.md"
+    inputs = [run_dir / n for n in ("forgetting.json", "quality.json", "wall.json")] + \
+        [run_dir / s.name / "stage.json" for s in recipe.stages]
+    if report.is_file() and all(not p.is_file() or p.stat().st_mtime <= report.stat().st_mtime for p in inputs):
+        log(f"report is up to date: {report}")
+        return
+    report = write_run_report(run_dir, sections=quality.report_sections(recipe, run_dir))
     log(f"report: {report}")
+
+
+def export_once(recipe: Recipe, run_dir: Path, log=print) -> Path:
+    """The run's GGUF: exported and verified, unless this run already holds one made from its final adapter."""
+    from .export import export_run, final_outcome, gguf_path
+    from .quality import gguf_key
+
+    out = gguf_path(recipe, run_dir, recipe.export.quantization)
+    stamp = run_dir / "export.json"
+    adapter = (Path(final_outcome(recipe, run_dir).adapter) / "adapter_config.json").stat().st_mtime
+    if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == {"gguf": gguf_key(out),
+                                                                               "adapter_mtime": adapter}:
+        log(f"export is up to date: {out}")
+        return out
+    out = export_run(run_dir, log=log)
+    atomic.write_text(stamp, json.dumps({"gguf": gguf_key(out), "adapter_mtime": adapter}) + "\n")
+    return out

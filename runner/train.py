@@ -226,6 +226,10 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
     # trl's fused head (installed by SFTTrainer) projects every position off Triton devices; ours only the
     # trained ones, in fewer passes (runner/fast_head.py). Models it does not cover keep trl's.
     add_fast_lm_head(trainer.model)
+    if autocast_bf16:  # autocast runs LoRA in bf16 anyway; peft's cast of each LoRA input to fp32 is wasted work
+        for module in trainer.model.modules():
+            if hasattr(module, "lora_A"):
+                module.cast_input_dtype_enabled = False
     return trainer
 
 
