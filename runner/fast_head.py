@@ -46,27 +46,35 @@ class HeadNLL(torch.autograd.Function):
     Liger's fused linear cross-entropy does): row i's nll depends on row i of hidden only, so the backward
     is grad_nll[i] * d nll_i / d hidden_i, exact for any incoming gradient, and the logits are never
     computed twice. Two (rows, vocab) buffers serve every chunk: fresh ones per chunk cost more in page
-    faults than the arithmetic. No gradient for `weight` (head_nll takes another path when it needs one).
+    faults than the arithmetic. `weight` is frozen (head_nll takes another path when it is not); the rows
+    `token_ids` of it may be replaced by trained ones, `token_rows` (peft's trainable tokens).
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
-                rows_per_chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_ids, token_rows,
+                dtype: torch.dtype, rows_per_chunk: int):
         n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
         log_z = torch.empty(n, dtype=torch.float32, device=device)
         target_logit = torch.empty_like(log_z)
         is_top1 = torch.empty(n, dtype=torch.bool, device=device)
-        want_grad = ctx.needs_input_grad[0]
+        want_grad = ctx.needs_input_grad[0] or (token_rows is not None and ctx.needs_input_grad[4])
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=device) if want_grad else None
+        token_grad = torch.empty((n, len(token_ids)), device=device) if want_grad and token_rows is not None else None
         rows = -(-n // -(-n // rows_per_chunk)) if n else 1  # equal chunks: a 1-row remainder runs slowly
         logits_buf = torch.empty((rows, vocab), dtype=dtype, device=device)
         probs_buf = torch.empty((rows, vocab), dtype=torch.float32, device=device)
         with torch.autocast(device.type, enabled=False):
             w = weight.to(dtype)
+            if token_rows is not None:
+                trained = token_rows.to(dtype)
+                change = trained - w[token_ids]  # what replacing the rows adds to d nll / d hidden
             for s in range(0, n, rows):
                 e = min(s + rows, n)
+                h = hidden[s:e].to(dtype)
                 logits, probs, target = logits_buf[: e - s], probs_buf[: e - s], targets[s:e, None]
-                torch.mm(hidden[s:e].to(dtype), w.t(), out=logits)
+                torch.mm(h, w.t(), out=logits)
+                if token_rows is not None:
+                    logits.index_copy_(1, token_ids, h @ trained.t())
                 probs.copy_(logits)                                          # float32 from here on
                 target_logit[s:e] = probs.gather(1, target)[:, 0]
                 top = probs.amax(dim=-1)
@@ -78,16 +86,21 @@ class HeadNLL(torch.autograd.Function):
                     probs.scatter_add_(1, target, torch.full(target.shape, -1.0, device=device))
                     logits.copy_(probs)
                     torch.mm(logits, w, out=grad_hidden[s:e])
-        ctx.save_for_backward(grad_hidden)
+                    if token_rows is not None:
+                        token_grad[s:e] = probs[:, token_ids]                   # d nll / d (those logits)
+                        grad_hidden[s:e] += token_grad[s:e].to(dtype) @ change
+        ctx.save_for_backward(grad_hidden, token_grad, hidden if token_grad is not None else None)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(is_top1)
         return log_z - target_logit, is_top1
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor, _grad_top1):
-        (grad_hidden,) = ctx.saved_tensors
-        grad = grad_hidden.float().mul_(grad_nll.float()[:, None]).to(ctx.hidden_dtype)
-        return grad, None, None, None, None
+        grad_hidden, token_grad, hidden = ctx.saved_tensors
+        g = grad_nll.float()[:, None]
+        grad = grad_hidden.float().mul_(g).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_rows = (token_grad * g).t() @ hidden.float() if token_grad is not None and ctx.needs_input_grad[4] else None
+        return grad, None, None, None, grad_rows, None, None
 
 
 def _checkpointed_nll(hidden, weight, targets, rows_per_chunk):
@@ -106,17 +119,34 @@ def _checkpointed_nll(hidden, weight, targets, rows_per_chunk):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-             rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll per row in float32, is_top1 per row) for hidden [N, H], weight [V, H], targets [N].
+def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_ids: torch.Tensor | None = None,
+             token_rows: torch.Tensor | None = None, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll per row in float32, is_top1 per row) for hidden [N, H], weight [V, H], targets [N]; with `token_ids`
+    [K], the head's rows for those tokens are `token_rows` [K, H] instead of weight's.
 
     The projection runs in the autocast dtype when autocast is on (else in hidden's dtype); the softmax
     statistics always in float32."""
     if rows_per_chunk is None:
         rows_per_chunk = max(1, CHUNK_VALUES // weight.shape[0])
     if weight.requires_grad and torch.is_grad_enabled():
+        if token_ids is not None:
+            weight = weight.index_copy(0, token_ids, token_rows.to(weight.dtype))
         return _checkpointed_nll(hidden, weight, targets, rows_per_chunk)
-    return HeadNLL.apply(hidden, weight, targets, _compute_dtype(hidden), rows_per_chunk)
+    return HeadNLL.apply(hidden, weight, targets, token_ids, token_rows, _compute_dtype(hidden), rows_per_chunk)
+
+
+def head_weights(head) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, token_ids, token_rows) of an LM head: peft's trainable tokens (`trainable_token_indices`) keep
+    the frozen weight and train a few of its rows; every other head is its weight alone."""
+    layer = getattr(head, "token_adapter", None)
+    if layer is None:
+        return head.weight, None, None
+    active = [a for a in layer.active_adapters if a in layer.token_indices]
+    if layer.disable_adapters or layer.merged or not active:
+        return layer.base_layer.weight, None, None
+    weight = layer.base_layer.weight
+    ids = torch.tensor([i for a in active for i in layer.token_indices[a]], device=weight.device)
+    return weight, ids, torch.cat([layer.trainable_tokens_delta[a] for a in active])
 
 
 def supports(model) -> bool:
@@ -154,10 +184,10 @@ def add_fast_lm_head(model) -> bool:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight = self.get_output_embeddings().weight
+        weight, token_ids, token_rows = head_weights(self.get_output_embeddings())
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != IGNORE_INDEX
-        nll, top1 = head_nll(hidden[mask], weight, labels[mask])
+        nll, top1 = head_nll(hidden[mask], weight, labels[mask], token_ids, token_rows)
         # masked_scatter keeps an all-masked batch connected to the graph: a differentiable zero
         log_probs = nll.new_zeros(mask.shape).masked_scatter(mask, -nll)
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

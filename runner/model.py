@@ -160,17 +160,30 @@ def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training
     return model
 
 
-def lora_config(cfg: LoraConfig):
+def trainable_token_ids(cfg: LoraConfig, tokenizer) -> list[int]:
+    """The ids of lora.trainable_tokens; each must be one token of the tokenizer's vocabulary."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in cfg.trainable_tokens if t not in vocab]
+    if missing:
+        raise TunebookError(f"lora.trainable_tokens: {', '.join(missing)} is not a token of the tokenizer\n"
+                            "    fix: list tokens exactly as the vocabulary spells them, e.g. <end_of_turn>")
+    return [vocab[t] for t in cfg.trainable_tokens]
+
+
+def lora_config(cfg: LoraConfig, token_ids: list[int] | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM")
+        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM",
+        trainable_token_indices=token_ids or None)
 
 
 def build_stage_model(base_model, init: str, lora: LoraConfig, previous_adapter: Path | None,
-                      lineage: list[Path], quantized: bool, gradient_checkpointing: bool):
-    """Put this stage's trainable adapter on the base, following `init`. Returns (model, new lineage)."""
+                      lineage: list[Path], quantized: bool, gradient_checkpointing: bool,
+                      token_ids: list[int] | None = None):
+    """Put this stage's trainable adapter on the base, following `init`. Returns (model, new lineage).
+    `token_ids`: tokens whose embedding rows a new adapter trains too (lora.trainable_tokens)."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -185,4 +198,4 @@ def build_stage_model(base_model, init: str, lora: LoraConfig, previous_adapter:
         lineage = list(lineage) + [previous_adapter]
     else:
         lineage = []
-    return get_peft_model(base_model, lora_config(lora)), lineage
+    return get_peft_model(base_model, lora_config(lora, token_ids)), lineage

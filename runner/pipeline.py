@@ -88,7 +88,8 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     from .backends import get_backend
     from .base_model import load_tokenizer
     from .data import make_collator, pack_examples, prepare_stage, recipe_dir
-    from .model import build_stage_model, check_fits, check_quantization, load_base, model_source, resolve_dtype
+    from .model import (build_stage_model, check_fits, check_quantization, load_base, model_source, resolve_dtype,
+                        trainable_token_ids)
 
     if only_stage is not None:
         recipe.stage(only_stage)  # a clear error for an unknown name
@@ -104,6 +105,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     tokenizer = load_tokenizer(recipe.model, base_dir=recipe_dir(recipe))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    token_ids = trainable_token_ids(recipe.lora, tokenizer)
 
     outcomes: dict[str, StageOutcome] = {}
     todo = []
@@ -147,7 +149,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
             base, stage.init, recipe.lora, Path(previous.adapter) if previous else None,
             [Path(p) for p in previous.lineage] if previous else [],
             quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
-            gradient_checkpointing=t.gradient_checkpointing)
+            gradient_checkpointing=t.gradient_checkpointing, token_ids=token_ids)
         collator = make_collator(tokenizer, t.packing, recipe.model.max_seq_length)
         data = prepared[stage.name]
         if t.packing:  # whole rows packed ahead (best-fit decreasing): fuller rows than packing each batch

@@ -45,6 +45,8 @@ class LoraConfig(Strict):
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    # tokens whose embedding rows (and tied LM-head rows) are trained too, e.g. a base model's turn markers
+    trainable_tokens: list[str] = []
 
 
 class FieldMap(Strict):

@@ -166,7 +166,8 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
             return super().training_step(model, inputs, num_items_in_batch)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            with self.autocast_smart_context_manager():
+            # bf16 autocast as in training (accelerate applies it only to a prepared model's forward)
+            with torch.autocast(device(), dtype=torch.bfloat16, enabled=autocast_bf16):
                 result = evaluate_torch(self.model, data.val, batch_size=t.eval_batch_size or t.micro_batch_size,
                                         progress=False, pad_id=tokenizer.pad_token_id)
             metrics = {f"{metric_key_prefix}_loss": result.loss, f"{metric_key_prefix}_ppl": result.ppl,
