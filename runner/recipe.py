@@ -94,6 +94,8 @@ class TrainConfig(Strict):
     max_steps: PositiveInt | None = None
     num_epochs: Annotated[float, Field(gt=0)] | None = None
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    # for lora.trainable_tokens' rows (None: learning_rate); AdamW moves each element about this much a step
+    trainable_tokens_lr: Annotated[float, Field(gt=0)] | None = None
     lr_scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0

@@ -165,6 +165,18 @@ def make_trainer(recipe, stage, stage_dir, model, tokenizer, data, collator, aut
                 self.tokens_seen += float((labels[..., 1:] != -100).sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            rows = {id(p) for n, p in self.model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad}
+            if rows and stage.train.trainable_tokens_lr:  # lora.trainable_tokens in a group of their own
+                for group in list(optimizer.param_groups):
+                    group["params"] = [p for p in group["params"] if id(p) not in rows]
+                    if not group["params"]:
+                        optimizer.param_groups.remove(group)
+                optimizer.add_param_group({"params": [p for p in self.model.parameters() if id(p) in rows],
+                                           "lr": stage.train.trainable_tokens_lr, "weight_decay": 0.0})
+            return optimizer
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             # bf16 autocast as in training (accelerate applies it only to a prepared model's forward)
             with torch.autocast(device(), dtype=torch.bfloat16, enabled=autocast_bf16):

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from runner import fast_head
 from runner.data_pack import make_collator, pack_examples
@@ -289,3 +289,14 @@ def test_trainable_tokens_are_trained_through_both_stages(tmp_path):
         rows[stage] = weights[key]
         assert rows[stage].shape == (1, 64)
     assert not torch.equal(rows["general"], rows["vet"])  # the vet stage kept training the row
+
+    # train.trainable_tokens_lr: the rows get their own learning rate (the LoRA weights keep the stage's)
+    recipe = load_recipe(path, ["lora.trainable_tokens=[<|eot_id|>]", "stages.0.train.trainable_tokens_lr=0.5",
+                                "name=fast-rows"])
+    train_recipe(recipe, only_stage="general", log=lambda *_: None)
+    fast = load_file(tmp_path / "runs" / "fast-rows" / "general" / "adapter" / "adapter_model.safetensors")
+    eot = AutoTokenizer.from_pretrained(tmp_path / "tiny-llama").convert_tokens_to_ids("<|eot_id|>")
+    original = load_file(tmp_path / "tiny-llama" / "model.safetensors")["model.embed_tokens.weight"][[eot]]
+    moved = {name: float((r - original).abs().max()) for name, r in
+             (("stage lr", rows["general"]), ("own lr", next(v for k, v in fast.items() if "trainable_tokens_delta" in k)))}
+    assert moved["own lr"] > 10 * moved["stage lr"] > 0
