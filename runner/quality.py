@@ -5,7 +5,7 @@
 2. Generation: held-out questions (the first user turn of up to 40 validation conversations) answered by
    the GGUF through chat/engine.py as the chat app runs it, greedy, at most 256 tokens: how many answers
    stop at end-of-turn, first-token latency, and a few questions with their answers.
-3. The quickstart's bar (issue 9) checked against those numbers, the forgetting matrix and the run time.
+3. The quickstart's bar (README, Quickstart) checked against those numbers, the forgetting matrix and the run time.
 
 Results are saved in quality.json with the size and mtime of the GGUF they were measured on, so a rerun
 of a finished run reuses them.
@@ -25,7 +25,7 @@ QUESTIONS = 40
 MAX_TOKENS = 256
 SAMPLES_SHOWN = 5
 QUANT_TOLERANCE = 0.01
-# issue 9: the offline quickstart's numbers
+# the offline quickstart's bar (README, Quickstart): what a two-stage run on CPU should reach
 TARGETS = {"first_stage_beats_base": True, "last_stage_gain": 0.25, "forgetting": 0.05, "stop_rate": 0.95,
            "first_token_s": 2.0, "wall_minutes": 20.0}
 
@@ -261,7 +261,7 @@ def report_sections(recipe, run_dir: Path) -> dict[str, str]:
     sections = {}
     targets = targets_section(forgetting, quality, wall_s)
     if targets:
-        sections["Targets (issue 9)"] = targets
+        sections["Targets"] = targets
     run_time = run_time_section(recipe, run_dir, wall_s, quality)
     if run_time:
         sections["Run time"] = run_time

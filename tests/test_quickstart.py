@@ -59,7 +59,7 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert all(a["answer"] and 0 < a["tokens"] <= 256 for a in g["answers"])
 
     report = (run / "report.md").read_text()
-    for heading in ("Forgetting matrix", "Targets (issue 9)", "Run time", "Quantization check", "Sample answers"):
+    for heading in ("Forgetting matrix", "Targets", "Run time", "Quantization check", "Sample answers"):
         assert f"## {heading}" in report
     assert f"{q['gguf_ppl']:.4f}" in report and f"{g['stopped']}/4" in report
     assert "fewer than 40" in report
