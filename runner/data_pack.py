@@ -71,7 +71,9 @@ def packing_efficiency(lengths: list[int], max_length: int) -> tuple[int, float]
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[int]:
     """An epoch order in which each batch holds samples of similar length (the alternative to packing):
-    shuffle, sort within mega-batches of `mega` batches by length, shuffle the batches."""
+    shuffle, sort within mega-batches of `mega` batches by length, shuffle the batches. The one short batch
+    (len(lengths) not a multiple of batch_size) stays last: anywhere else it would shift every later batch
+    boundary of the flat order by its size, and the batches a DataLoader cuts would mix lengths again."""
     rng = random.Random(f"tunebook-length-groups:{seed}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -80,8 +82,9 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: i
     for m in range(0, len(order), span):
         chunk = sorted(order[m:m + span], key=lambda i: -lengths[i])
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return [i for batch in batches for i in batch]
+    full = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(full)
+    return [i for batch in full + [b for b in batches if len(b) < batch_size] for i in batch]
 
 
 class Collator:

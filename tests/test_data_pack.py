@@ -125,3 +125,15 @@ def test_length_grouped_order():
     spread = sum(max(lengths[i] for i in order[k:k + 4]) - min(lengths[i] for i in order[k:k + 4])
                  for k in range(0, 300, 4))
     assert spread < 0.2 * 75 * 100  # batches hold similar lengths
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_grouped_order_keeps_batches_aligned_with_a_short_batch(seed):
+    # 301 samples: one batch of 1. Each batch a loader cuts from the flat order is a slice of one
+    # length-sorted mega-batch, so its lengths never increase, wherever the shuffle put it.
+    lengths = [(i * 37) % 101 + 1000 * (i % 3) for i in range(301)]
+    order = length_grouped_order(lengths, batch_size=4, seed=seed)
+    assert sorted(order) == list(range(301))
+    for k in range(0, 301, 4):
+        batch = [lengths[i] for i in order[k:k + 4]]
+        assert batch == sorted(batch, reverse=True)
