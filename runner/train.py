@@ -47,14 +47,39 @@ class StageOutcome:
     world_size: int = 1
 
     def save(self, stage_dir: Path) -> None:
-        atomic.write_text(stage_dir / "stage.json", json.dumps(asdict(self), indent=2) + "\n")
+        """Adapter paths inside the run directory are stored relative to it, so a run directory can be
+        moved, copied or used from any working directory."""
+        run_dir = stage_dir.resolve().parent
+        data = asdict(self)
+        data["adapter"] = _portable(self.adapter, run_dir)
+        data["lineage"] = [_portable(p, run_dir) for p in self.lineage]
+        atomic.write_text(stage_dir / "stage.json", json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, stage_dir: Path) -> "StageOutcome | None":
         path = stage_dir / "stage.json"
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        outcome = cls(**json.loads(path.read_text()))
+        run_dir = stage_dir.resolve().parent
+        outcome.adapter = _located(outcome.adapter, run_dir)
+        outcome.lineage = [_located(p, run_dir) for p in outcome.lineage]
+        return outcome
+
+
+def _portable(path: str | None, run_dir: Path) -> str | None:
+    if path is None:
+        return None
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(run_dir)) if absolute.is_relative_to(run_dir) else str(absolute)
+
+
+def _located(path: str | None, run_dir: Path) -> str | None:
+    """Relative to the run directory; stage.json files written relative to the working directory still load."""
+    if path is None or Path(path).is_absolute():
+        return path
+    inside = run_dir / path
+    return str(inside) if inside.exists() or not Path(path).exists() else str(Path(path).resolve())
 
 
 def is_complete_checkpoint(path: Path) -> bool:

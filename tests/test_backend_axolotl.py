@@ -20,6 +20,7 @@ from runner.backends.axolotl import (GPU_KERNELS, axolotl_config, config_yaml, e
 from runner.errors import TunebookError
 from runner.metrics import read_metrics
 from runner.recipe import load_recipe
+from runner.train import StageOutcome
 from train_support import ROOT, chat_data, tiny_base, two_stage_recipe, write_recipe
 
 
@@ -265,7 +266,8 @@ def test_axolotl_metrics_land_in_the_run_dir(runs):
         best = min(evals, key=lambda r: r["eval_loss"])
         assert (outcome.best_step, outcome.best_eval_loss) == (best["step"], best["eval_loss"])
         saved = json.loads((recipe.run_dir() / outcome.name / "stage.json").read_text())
-        assert saved["status"] == "done" and saved["adapter"] == outcome.adapter
+        assert saved["status"] == "done" and saved["adapter"] == f"{outcome.name}/adapter"  # relative to the run
+        assert StageOutcome.load(recipe.run_dir() / outcome.name).adapter == outcome.adapter
 
 
 def test_axolotl_adapters_score_the_same_in_tunebook(runs):
