@@ -113,8 +113,9 @@ def export_child(run_copy: str, verify: bool) -> dict:
         try:
             report = real_verify(*args, **kwargs)
             marks["report"] = {k: report.get(k) for k in ("quant", "n_tokens")} | {
-                b: {k: report[b].get(k) for k in ("rel_max_diff", "argmax_agreement", "ok", "skipped") if k in report[b]}
-                for b in ("transformers", "llama.cpp") if isinstance(report.get(b), dict)}
+                b: {k: report[b].get(k) for k in ("rel_max_diff", "argmax_agreement", "n_tensors", "n_bytes", "ok",
+                                                   "skipped") if k in report[b]}
+                for b in ("tensors", "transformers", "llama.cpp") if isinstance(report.get(b), dict)}
             return report
         finally:
             marks["verify_end"], marks["rss_after_verify"] = time.perf_counter(), _rss_mib()

@@ -10,7 +10,9 @@ import typer
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory written by `tunebook train` (runs/<name>).", show_default=False)],
     quant: Annotated[str | None, typer.Option(help="q8_0 | f16 | f32 (default: the recipe's export.quantization).")] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the logit comparison with the merged model.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip checking the GGUF against the merged model.")] = False,
+    full_verify: Annotated[bool, typer.Option("--full-verify", help="Also load the GGUF back with transformers and "
+                                              "compare logits (slow; ~4x the fp32 model in memory).")] = False,
 ) -> None:
     """Merge the final adapter into a full-precision base and write a verified GGUF with the chat template."""
     from rich.console import Console
@@ -19,7 +21,8 @@ def export(
 
     console = Console(stderr=True)
     out = export_run(run, quant=quant, verify=False if no_verify else None,
-                     log=lambda m: console.print(m, highlight=False, markup=False))
+                     log=lambda m: console.print(m, highlight=False, markup=False),
+                     verify_level="full" if full_verify else "standard")
     console.print(f"[green]exported[/green] {out}\nchat with it: tunebook chat {run}", highlight=False)
 
 

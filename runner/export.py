@@ -127,11 +127,19 @@ def verification_summary(report: dict) -> str:
                          f"largest logit), argmax agreement {r['argmax_agreement']:.1%}")
         elif r:
             parts.append(f"{backend}: {r}")
-    return f"{report.get('quant')} over {report.get('n_tokens')} probe tokens: " + "; ".join(parts)
+    tensors = report.get("tensors")
+    head = f"{report.get('quant')}: "
+    if isinstance(tensors, dict) and tensors.get("ok"):
+        head += (f"{tensors['n_tensors']} tensors ({tensors['n_bytes'] / 2**20:.0f} MiB) identical to the merged "
+                 "weights as stored; ")
+    return head + f"over {report.get('n_tokens')} probe tokens: " + "; ".join(parts)
 
 
-def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = None, log=print) -> Path:
-    """Merge, write the GGUF and (by default) verify it. Returns the GGUF path."""
+def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = None, log=print,
+               verify_level: str = "standard") -> Path:
+    """Merge, write the GGUF and (by default) verify it: `verify_level` "standard" (every tensor exactly,
+    llama.cpp's logits) or "full" (also transformers reading the file back; slow, ~4x the model in
+    memory). Returns the GGUF path."""
     from .gguf import write_gguf
 
     recipe = load_run(run_dir)
@@ -149,7 +157,7 @@ def export_run(run_dir: Path, quant: str | None = None, verify: bool | None = No
         from .gguf_verify import verify_gguf
 
         try:
-            report = verify_gguf(merged, out, quant)
+            report = verify_gguf(merged, out, quant, level=verify_level)
         except TunebookError:
             bad = out.with_name(out.name + ".failed-verification")
             out.replace(bad)

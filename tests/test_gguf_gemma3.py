@@ -1,6 +1,7 @@
 """GGUF export of a tiny Gemma 3 text model whose SentencePiece-style tokenizer was trained here."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -10,8 +11,9 @@ import pytest
 from safetensors import safe_open
 from tiny_gguf_models import GEMMA_TEMPLATE, QUESTION, REPLY, build, chat_reply
 
+import runner.gguf as gguf_export
 from runner.gguf import GGUFExportError, write_gguf
-from runner.gguf_verify import config_mismatches, llama_cpp_skip_reason, verify_gguf
+from runner.gguf_verify import GGUFVerifyError, check_tensors, config_mismatches, llama_cpp_skip_reason, verify_gguf
 
 QUANTS = ("f32", "f16", "q8_0")
 SKIP_LLAMA_CPP = llama_cpp_skip_reason()
@@ -31,7 +33,7 @@ def ggufs(model_dir):
 
 @pytest.fixture(scope="module")
 def verified(model_dir, ggufs):
-    return {q: verify_gguf(model_dir, ggufs[q], q, n_threads=1) for q in QUANTS}
+    return {q: verify_gguf(model_dir, ggufs[q], q, n_threads=1, level="full") for q in QUANTS}
 
 
 def test_transformers_reads_back_exactly_what_was_stored(verified):
@@ -76,6 +78,24 @@ def test_norms_are_stored_plus_one(model_dir, ggufs):
                               ("model.layers.5.self_attn.q_norm.weight", "blk.5.attn_q_norm.weight"),
                               ("model.norm.weight", "output_norm.weight")]:
             np.testing.assert_array_equal(stored[name], f.get_tensor(hf_name).numpy() + 1)
+
+
+def test_every_tensor_holds_the_model_weight_as_stored(verified):
+    for quant in QUANTS:
+        assert verified[quant]["tensors"]["ok"], (quant, verified[quant]["tensors"])
+
+
+def test_verification_catches_norms_stored_without_the_plus_one(model_dir, tmp_path, monkeypatch):
+    broken = dataclasses.replace(gguf_export.ARCHS["Gemma3ForCausalLM"], norm_shift=0.0)
+    monkeypatch.setitem(gguf_export.ARCHS, "Gemma3ForCausalLM", broken)
+    path = write_gguf(model_dir, tmp_path / "unshifted.gguf", "q8_0")
+    monkeypatch.undo()
+    found = check_tensors(model_dir, path, "q8_0")
+    assert "blk.0.attn_norm.weight" in found["mismatches"] and "output_norm.weight" in found["mismatches"]
+    assert all(name.endswith("norm.weight") for name in found["mismatches"])
+    assert found["mismatches"]["output_norm.weight"] == "max |stored - (weight + 1)| 1"
+    with pytest.raises(GGUFVerifyError, match="tensor blk.0.attn_norm.weight"):
+        verify_gguf(model_dir, path, "q8_0", n_threads=1)
 
 
 @needs_llama_cpp

@@ -13,7 +13,7 @@ from tiny_gguf_models import LLAMA3_TEMPLATE, QUESTION, REPLY, build, chat_reply
 
 import runner.gguf as gguf_export
 from runner.gguf import GGUFExportError, permute_qk, write_gguf
-from runner.gguf_verify import GGUFVerifyError, llama_cpp_skip_reason, verify_gguf
+from runner.gguf_verify import LEVELS, GGUFVerifyError, check_tensors, llama_cpp_skip_reason, verify_gguf
 
 QUANTS = ("f32", "f16", "q8_0")
 SKIP_LLAMA_CPP = llama_cpp_skip_reason()
@@ -33,7 +33,7 @@ def ggufs(model_dir):
 
 @pytest.fixture(scope="module")
 def verified(model_dir, ggufs):
-    return {q: verify_gguf(model_dir, ggufs[q], q, n_threads=1) for q in QUANTS}
+    return {q: verify_gguf(model_dir, ggufs[q], q, n_threads=1, level="full") for q in QUANTS}
 
 
 def test_transformers_reads_back_exactly_what_was_stored(verified):
@@ -42,6 +42,15 @@ def test_transformers_reads_back_exactly_what_was_stored(verified):
         row = verified[quant]["transformers"]
         assert row["max_abs_diff"] == 0.0, (quant, row)
         assert verified[quant]["config_mismatches"] == {}
+
+
+def test_every_tensor_holds_the_model_weight_as_stored(model_dir, ggufs, verified):
+    for quant in QUANTS:
+        row = verified[quant]["tensors"]
+        assert row["ok"] and row["mismatches"] == {}, (quant, row)
+        reader = gguf.GGUFReader(ggufs[quant])
+        assert row["n_tensors"] == len(reader.tensors)
+        assert row["n_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
 
 
 @needs_llama_cpp
@@ -91,13 +100,48 @@ def test_chat_uses_the_embedded_template_and_stops_at_end_of_turn(ggufs):
     assert reply["finish_reason"] == "stop"
 
 
-def test_verification_catches_a_missing_rotary_permute(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_verification_catches_a_missing_rotary_permute(model_dir, tmp_path, monkeypatch, quant):
     broken = dataclasses.replace(gguf_export.ARCHS["LlamaForCausalLM"], permute_qk=False)
     monkeypatch.setitem(gguf_export.ARCHS, "LlamaForCausalLM", broken)
-    path = write_gguf(model_dir, tmp_path / "unpermuted.gguf", "f32")
+    path = write_gguf(model_dir, tmp_path / "unpermuted.gguf", quant)
     monkeypatch.undo()  # verify against the model as it is
-    with pytest.raises(GGUFVerifyError, match="does not reproduce"):
-        verify_gguf(model_dir, path, "f32", n_threads=1)
+    # the default check's tensor comparison alone finds every q and k, and nothing else
+    found = check_tensors(model_dir, path, quant)
+    assert not found["ok"]
+    assert sorted(found["mismatches"]) == sorted(f"blk.{i}.attn_{x}.weight" for i in range(2) for x in "qk")
+    for level in LEVELS:  # the default and the full check (transformers reading the file back) refuse it
+        with pytest.raises(GGUFVerifyError, match="(?s)does not reproduce.*tensor blk.0.attn_q.weight"):
+            verify_gguf(model_dir, path, quant, n_threads=1, level=level)
+
+
+def test_verification_catches_swapped_and_stale_tensors(model_dir, tmp_path, monkeypatch):
+    real_plan = gguf_export.plan_tensors
+
+    def swapped(*args, **kwargs):  # gate and up of layer 1 have the same shape: only their data tells
+        plans = {p.name: p for p in real_plan(*args, **kwargs)}
+        gate, up = plans["blk.1.ffn_gate.weight"], plans["blk.1.ffn_up.weight"]
+        gate.load, up.load = up.load, gate.load
+        return list(plans.values())
+
+    monkeypatch.setattr(gguf_export, "plan_tensors", swapped)
+    path = write_gguf(model_dir, tmp_path / "swapped.gguf", "q8_0")
+    monkeypatch.undo()
+    found = check_tensors(model_dir, path, "q8_0")
+    assert sorted(found["mismatches"]) == ["blk.1.ffn_gate.weight", "blk.1.ffn_up.weight"]
+    assert "differ from the model's weight stored as Q8_0" in found["mismatches"]["blk.1.ffn_up.weight"]
+    with pytest.raises(GGUFVerifyError, match="tensor blk.1.ffn_gate.weight"):
+        verify_gguf(model_dir, path, "q8_0", n_threads=1)
+
+    # a file written before the model changed: one weight moved by 0.01 is found
+    other = tmp_path / "changed"
+    shutil.copytree(model_dir, other)
+    path = write_gguf(other, tmp_path / "stale.gguf", "f16")
+    from safetensors.torch import load_file, save_file
+    weights = load_file(other / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][3, 5] += 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert list(check_tensors(other, path, "f16")["mismatches"]) == ["blk.0.ffn_down.weight"]
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])

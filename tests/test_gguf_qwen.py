@@ -29,8 +29,10 @@ def test_qwen_round_trips(kind, tmp_path):
                 if name.endswith("bias"):
                     p.normal_(0, 0.1)
         model_dir = save(model, tokenizer, tmp_path / "merged")
-        result = verify_gguf(model_dir, write_gguf(model_dir, tmp_path / "m.gguf", "f32"), "f32", n_threads=1)
+        result = verify_gguf(model_dir, write_gguf(model_dir, tmp_path / "m.gguf", "f32"), "f32", n_threads=1,
+                             level="full")
     assert result["transformers"]["max_abs_diff"] == 0.0
+    assert result["tensors"]["ok"] and result["tensors"]["n_tensors"] > 0
     if llama_cpp_skip_reason() is None:
         assert result["llama.cpp"]["rel_max_diff"] < 0.001
         assert result["llama.cpp"]["tokenizer_match"]
