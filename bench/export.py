@@ -140,24 +140,25 @@ def copy_for_export(run: Path, dest: Path) -> Path:
     """What export_run reads from a run directory: recipe.yaml, the final stage's stage.json, its adapter
     and the adapters of its lineage (paths rewritten to the copies). merged/ is not copied: export merges."""
     from runner.export import load_run
+    from runner.train import StageOutcome
 
     recipe = load_run(run)
     dest.mkdir(parents=True)
     shutil.copy2(run / "recipe.yaml", dest / "recipe.yaml")
     last = recipe.stages[-1].name
-    stage = json.loads((run / last / "stage.json").read_text())
+    outcome = StageOutcome.load(run / last)  # paths resolved, whichever way stage.json stored them
 
     def copied(adapter: str, i: int) -> str:
-        src = Path(adapter) if Path(adapter).is_absolute() else ROOT / adapter  # stage.json paths: from the repo root
+        src = Path(adapter)
         if not (src / "adapter_config.json").is_file():
             sys.exit(f"{src} (an adapter named in {run / last / 'stage.json'}) is missing: run `make demo` first")
         target = dest / last / ("adapter" if i < 0 else f"lineage-{i}")
         shutil.copytree(src, target)
         return str(target)
 
-    stage["lineage"] = [copied(a, i) for i, a in enumerate(stage.get("lineage") or [])]
-    stage["adapter"] = copied(stage["adapter"], -1)
-    (dest / last / "stage.json").write_text(json.dumps(stage, indent=2))
+    outcome.lineage = [copied(a, i) for i, a in enumerate(outcome.lineage)]
+    outcome.adapter = copied(outcome.adapter, -1)
+    outcome.save(dest / last)
     return dest
 
 
