@@ -26,6 +26,14 @@ test: $(STAMP) browser $(AXOLOTL_VENV)/.installed
 
 setup: $(STAMP)
 
+# The benchmarks of bench/README.md, one after the other (~30 min on an idle 2-core machine); they read the
+# quickstart run, so `make demo` first. Each writes bench/results/<name>.json and prints its table.
+BENCHES := train_throughput packing eval_throughput gguf_inference export
+.PHONY: bench
+bench: $(STAMP)
+	@test -f runs/quickstart/quickstart-q8_0.gguf || { echo "run \`make demo\` first: the benchmarks use runs/quickstart"; exit 2; }
+	for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -68,6 +68,7 @@ def merge_run(recipe: Recipe, run_dir: Path, log=print) -> Path:
         kwargs["gguf_file"] = Path(model_ref).name
         model_ref = str(Path(model_ref).parent)
     model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    n_params = model.num_parameters()  # tied embeddings counted once (the estimate above counts them twice)
     for adapter in adapters:
         log(f"merging {adapter}")
         wrapped = PeftModel.from_pretrained(model, str(adapter))
