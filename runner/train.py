@@ -138,6 +138,8 @@ def sft_config(recipe: Recipe, stage: StageConfig, stage_dir: Path, autocast_bf1
         dataset_kwargs={"skip_prepare_dataset": True},
         ddp_find_unused_parameters=False,
         save_only_model=False,
+        # unpacked samples in batches of similar length (packed rows are already full): far less padding
+        train_sampling_strategy="random" if t.packing else "group_by_length",
     )
 
 
