@@ -105,7 +105,7 @@ class TrainConfig(Strict):
     eval_steps: PositiveInt | None = None
     save_steps: PositiveInt | None = None
     logging_steps: PositiveInt = 10
-    packing: bool = False
+    packing: bool = False  # off: batches of similar length (length-grouped sampler) instead of packed rows
     gradient_checkpointing: bool = False
     bf16: Literal["auto"] | bool = "auto"
     optimizer: Literal[OPTIMIZERS] = "adamw_torch"  # type: ignore[valid-type]
