@@ -31,10 +31,8 @@ merged model in a temp dir):
   * the bound: bytes read per generated token = all GGUF tensor data, except that an untied token
     embedding table counts one row (a lookup); Gemma ties the output head to the embedding, so here the
     whole table is read for the logits and counts in full. Bound tokens/s = read bandwidth / bytes per
-    token. Read bandwidth: the best of bench.common.memory_bandwidth_gbs (numpy float64 sum, one thread)
-    and a torch float32 sum on 1 and on 2 threads, best over all rounds. numpy's pairwise float64 sum is
-    compute-bound on this CPU (it reads ~13 GB/s where torch's vectorised sum reads ~20), so it alone would
-    understate the bandwidth and overstate the fraction reached. A second, tighter bound adds the f16 KV
+    token. Read bandwidth: bench.common.memory_bandwidth_gbs (a torch float32 sum) on 1 and
+    on 2 threads, best over all rounds. A second, tighter bound adds the f16 KV
     cache read at the mean context length of the decode steps.
 """
 from __future__ import annotations
@@ -131,25 +129,6 @@ def rates(t_start: float, stamps: list[float], n_prompt: int) -> dict:
 
 
 # --- measurements -------------------------------------------------------------------------------------
-
-def torch_read_bandwidth_gbs(threads: int, mib: int = 1024, seconds: float = 1.0) -> float:
-    """Best-of-rounds read bandwidth of a vectorised float32 sum over a buffer far larger than the caches."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-        buf.sum()
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            buf.sum()
-            best = max(best, buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
-        return round(best, 2)
-    finally:
-        torch.set_num_threads(before)
-
 
 def gguf_facts(path: Path) -> dict:
     from gguf import GGUFReader
@@ -313,16 +292,15 @@ def main() -> None:
             if "PASSIVE" not in name:
                 run(8)
         runs = {name: [] for name, _, _ in sides}
-        bandwidth = {"numpy_1t (bench.common)": [], "torch_1t": [], "torch_2t": []}
+        bandwidth = {"torch_1t": [], "torch_2t": []}
         for r in range(args.rounds):
             for name, run, n in (sides if r % 2 == 0 else sides[::-1]):
                 res = run(n or args.tokens)
                 runs[name].append(res)
                 print(f"round {r}: {name}: prompt {res['prompt_tok_s']:.0f} tok/s, gen {res['gen_tok_s']:.1f} tok/s",
                       flush=True)
-            bandwidth["numpy_1t (bench.common)"].append(memory_bandwidth_gbs(seconds=1.0))
-            bandwidth["torch_1t"].append(torch_read_bandwidth_gbs(1))
-            bandwidth["torch_2t"].append(torch_read_bandwidth_gbs(2))
+            bandwidth["torch_1t"].append(memory_bandwidth_gbs(1, seconds=1.0))
+            bandwidth["torch_2t"].append(memory_bandwidth_gbs(2, seconds=1.0))
             print(f"round {r}: read bandwidth GB/s: " + ", ".join(f"{k} {v[-1]}" for k, v in bandwidth.items()), flush=True)
         prompt_only = {name for name, _, n in sides if n is not None}
 

@@ -26,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import matmul_peak_gflops  # noqa: E402
+
 
 @dataclass
 class Setting:
@@ -134,15 +136,6 @@ def step(model, optimizer, batch, setting: Setting) -> tuple[float, int]:
     return seconds, trained
 
 
-def matmul_peak(dtype, n=1024, reps=20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
-
-
 _TRL_USE_TRITON = None
 _THREADS = torch.get_num_threads()
 
@@ -194,8 +187,8 @@ def main() -> None:
             print(f"round {r} {s.name}: {seconds:.2f} s, {trained} trained tokens", flush=True)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": _THREADS,
                           "torch": torch.__version__,
-                          "matmul_gflops": {"float32": round(matmul_peak(torch.float32), 1),
-                                            "bfloat16": round(matmul_peak(torch.bfloat16), 1)}},
+                          "matmul_gflops": {"float32": matmul_peak_gflops("float32"),
+                                            "bfloat16": matmul_peak_gflops("bfloat16")}},
               "tokens_per_step": args.tokens, "rounds": args.rounds, "settings": []}
     baseline = None
     for s in settings:
