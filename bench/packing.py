@@ -11,7 +11,8 @@ the quickstart recipe's stage `general`, train split):
 
 Beside each figure: the fewest rows any packer could use (the Martello-Toth L2 lower bound, `rows_lower_bound`)
 and so the best efficiency possible; and no packing: batches of 4 padded to their longest sample, in dataset
-order and in tunebook's `length_grouped_order`.
+order and in the length-grouped order the trainer draws unpacked batches in (transformers'
+`get_length_grouped_indices`, as its group_by_length sampler).
 
 Speed-up: the stepping of bench/train_speed.py, not the full trainer: the quickstart LoRA model (bf16 base,
 LoRA r16 all-linear, trainable <end_of_turn> row, tunebook's fast LM head, peft input cast off, bf16 autocast),
@@ -54,6 +55,15 @@ def padded_batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """The order an unpacked stage's batches come in: transformers' length-grouped sampler (runner/train.py
+    sets train_sampling_strategy="group_by_length"), seeded."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
+
+
 def padded_efficiency(lengths: list[int], batch_size: int, order: list[int] | None = None) -> tuple[int, float]:
     """(batches, real tokens / token slots) without packing: batches of `batch_size` in `order` (default:
     dataset order), each padded to its longest sample."""
@@ -91,7 +101,7 @@ def rows_lower_bound(lengths: list[int], capacity: int) -> int:
 
 def efficiency_table(lengths: list[int], capacity: int, seed: int, batch_size: int = BATCH) -> dict:
     """Packed (tunebook), best possible, and padded figures for one set of sample lengths and one row length."""
-    from runner.data_pack import length_grouped_order, packing_efficiency
+    from runner.data_pack import packing_efficiency
 
     rows, eff = packing_efficiency(lengths, capacity)
     bound = rows_lower_bound(lengths, capacity)
@@ -144,7 +154,7 @@ def efficiencies() -> list[dict]:
 def speed(n_rows: int, rounds: int, seed: int = 0) -> dict:
     import torch
 
-    from runner.data_pack import length_grouped_order, make_collator, pack_examples, plan_bins
+    from runner.data_pack import make_collator, pack_examples, plan_bins
     from train_speed import Setting, build, set_peft_cast, step
 
     from runner.data import recipe_dir

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data_cache
 from .data_formats import BadRecord, detect_format, normalize, record_to_messages
-from .data_pack import length_grouped_order, make_collator, pack_examples, packing_efficiency  # noqa: F401
+from .data_pack import make_collator, pack_examples, packing_efficiency  # noqa: F401
 from .data_report import DataReport, render_report  # noqa: F401
 from .data_sources import BadRecords, open_source
 from .data_split import shuffled, split_indices

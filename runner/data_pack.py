@@ -9,12 +9,11 @@ packed loss then equals the per-sample loss.
 
 Two ways to use it: `pack_examples` ahead of time (best fill, a known number of rows; then
 `make_collator(packing=True)` only pads rows), or `make_collator(packing=True)` on plain examples,
-which packs each batch on the fly. Without packing, `length_grouped_order` keeps padding low.
+which packs each batch on the fly. Without packing, the trainer's length-grouped sampler keeps padding low.
 """
 from __future__ import annotations
 
 import bisect
-import random
 
 import torch
 
@@ -67,24 +66,6 @@ def packing_efficiency(lengths: list[int], max_length: int) -> tuple[int, float]
     bins = plan_bins(lengths, max_length)
     slots = len(bins) * max_length
     return len(bins), (sum(lengths) / slots if slots else 0.0)
-
-
-def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[int]:
-    """An epoch order in which each batch holds samples of similar length (the alternative to packing):
-    shuffle, sort within mega-batches of `mega` batches by length, shuffle the batches. The one short batch
-    (len(lengths) not a multiple of batch_size) stays last: anywhere else it would shift every later batch
-    boundary of the flat order by its size, and the batches a DataLoader cuts would mix lengths again."""
-    rng = random.Random(f"tunebook-length-groups:{seed}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    span = batch_size * mega
-    batches = []
-    for m in range(0, len(order), span):
-        chunk = sorted(order[m:m + span], key=lambda i: -lengths[i])
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    full = [b for b in batches if len(b) == batch_size]
-    rng.shuffle(full)
-    return [i for batch in full + [b for b in batches if len(b) < batch_size] for i in batch]
 
 
 class Collator:

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from data_support import conversation
-from runner.data_pack import length_grouped_order, make_collator, pack_examples, packing_efficiency, plan_bins
+from runner.data_pack import make_collator, pack_examples, packing_efficiency, plan_bins
 from runner.data_tokenize import IGNORE, tokenize_conversations
 from runner.templates import resolve_chat_template
 from tiny_models import make_tiny_llama, make_tokenizer
@@ -116,24 +116,3 @@ def test_packed_samples_do_not_attend_to_each_other(model_dir, tok, examples, at
         plain = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(changed), use_cache=False).logits[0, n_first:]
     assert torch.allclose(before, after, atol=1e-5)        # the second sample does not see the first
     assert not torch.allclose(plain, leaky, atol=1e-3)    # while one causal sequence would
-
-
-def test_length_grouped_order():
-    lengths = [(i * 37) % 101 for i in range(300)]
-    order = length_grouped_order(lengths, batch_size=4, seed=1)
-    assert sorted(order) == list(range(300)) and order == length_grouped_order(lengths, 4, 1)
-    spread = sum(max(lengths[i] for i in order[k:k + 4]) - min(lengths[i] for i in order[k:k + 4])
-                 for k in range(0, 300, 4))
-    assert spread < 0.2 * 75 * 100  # batches hold similar lengths
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_length_grouped_order_keeps_batches_aligned_with_a_short_batch(seed):
-    # 301 samples: one batch of 1. Each batch a loader cuts from the flat order is a slice of one
-    # length-sorted mega-batch, so its lengths never increase, wherever the shuffle put it.
-    lengths = [(i * 37) % 101 + 1000 * (i % 3) for i in range(301)]
-    order = length_grouped_order(lengths, batch_size=4, seed=seed)
-    assert sorted(order) == list(range(301))
-    for k in range(0, 301, 4):
-        batch = [lengths[i] for i in order[k:k + 4]]
-        assert batch == sorted(batch, reverse=True)
