@@ -21,7 +21,9 @@ demo: $(STAMP)
 	@echo "  $(BIN)/tunebook chat runs/quickstart"
 
 # The tests of backend: axolotl run axolotl in its own environment: `make test` makes it (~2 min, ~4.3 GB).
+# lint-imports first: the import contracts of pyproject.toml ([tool.importlinter]) keep the layers.
 test: $(STAMP) browser $(AXOLOTL_VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
@@ -32,7 +34,7 @@ BENCHES := train_throughput packing eval_throughput gguf_inference export
 .PHONY: bench
 bench: $(STAMP)
 	@test -f runs/quickstart/quickstart-q8_0.gguf || { echo "run \`make demo\` first: the benchmarks use runs/quickstart"; exit 2; }
-	for b in $(BENCHES); do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,14 +62,14 @@ clean-venv:
 env-axolotl: $(AXOLOTL_VENV)/.installed
 env-unsloth: $(UNSLOTH_VENV)/.installed
 
-$(AXOLOTL_VENV)/.installed: runner/backends/requirements-axolotl.txt
+$(AXOLOTL_VENV)/.installed: runner/train/requirements-axolotl.txt
 	$(PY) -m venv $(AXOLOTL_VENV)
 	$(AXOLOTL_VENV)/bin/pip install --quiet --upgrade pip
 	$(AXOLOTL_VENV)/bin/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(AXOLOTL_VENV)/bin/pip install --quiet -r $< $(TORCH_PIP_ARGS)
 	touch $@
 
-$(UNSLOTH_VENV)/.installed: runner/backends/requirements-unsloth.txt
+$(UNSLOTH_VENV)/.installed: runner/train/requirements-unsloth.txt
 	$(PY) -m venv $(UNSLOTH_VENV)
 	$(UNSLOTH_VENV)/bin/pip install --quiet --upgrade pip
 	$(UNSLOTH_VENV)/bin/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)

@@ -30,12 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
 RUN = ROOT / "runs" / "quickstart"
 
@@ -72,22 +68,22 @@ def load(examples_limit: int | None):
     """(model, examples, pad_id) exactly as `tunebook eval runs/quickstart --stage vet` builds them."""
     from transformers import AutoTokenizer
 
-    from runner.evaluate import _examples, _tokenizer_dir, _torch_model
-    from runner.export import load_run
+    from runner.measure.evaluate import examples_for, tokenizer_dir, torch_model
+    from runner.run_dir import RunDir
 
     if not (RUN / "recipe.yaml").is_file() or not (RUN / "vet" / "adapter").is_dir():
         sys.exit(f"{RUN} is missing or unfinished: run `make demo` first (it trains the quickstart run)")
     quiet = lambda *_: None  # noqa: E731
-    recipe = load_run(RUN)
-    tok_dir = _tokenizer_dir(RUN, "run")
+    recipe = RunDir(RUN).load_recipe()
+    tok_dir = tokenizer_dir(RUN, "run")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     template = tok_dir / "chat_template.jinja"
     if template.is_file() and template.read_text().strip():
         tokenizer.chat_template = template.read_text()
-    examples, _ = _examples(recipe, "vet", None, tokenizer, quiet)
+    examples, _ = examples_for(recipe, "vet", None, tokenizer, quiet)
     if examples_limit:
         examples = examples[:examples_limit]
-    model = _torch_model(RUN, "run", quiet)
+    model = torch_model(RUN, "run", quiet)
     return model, examples, tokenizer.pad_token_id
 
 
@@ -149,7 +145,7 @@ def main() -> None:
                         help="the batch-size-1 comparison on only the first N examples (0: skip it)")
     args = parser.parse_args()
 
-    from common import machine, write_result
+    from bench.common import machine, write_result
 
     info = machine()
     model, examples, pad_id = load(args.examples)
@@ -193,7 +189,7 @@ def main() -> None:
                      **agreement(batch1["tunebook"], batch1["trainer"])} if batch1 else None),
     }
     path = write_result("eval_throughput", result, info)
-    print(f"\n| | tunebook | Trainer.evaluate | ratio |\n|---|---|---|---|")
+    print("\n| | tunebook | Trainer.evaluate | ratio |\n|---|---|---|---|")
     print(f"| scored tokens/s, batch {args.batch_size} | {tb['tokens_per_s']} | {tr['tokens_per_s']} | "
           f"{result['speedup_median']}x |")
     a = result["results_default_batch"]

@@ -11,8 +11,8 @@ really done, and runs in its own spawned child process (bench.common.in_child, f
     (transformers maps safetensors lazily; the sum makes it read them): the merged model loaded once, the
     least any export that reads the model must do. Its seconds and peak RSS are the baseline;
   * export: `runner.export.export_run(copy, quant="q8_0")`, verification on (what `tunebook export` does);
-    merge, write and verify seconds are timed separately by wrapping `runner.gguf.write_gguf` and
-    `runner.gguf_verify.verify_gguf`, which export_run imports at call time; peak RSS after each phase;
+    merge, write and verify seconds are timed separately by wrapping `runner.export.gguf_writer.write_gguf` and
+    `runner.export.gguf_verify.verify_gguf`, which export_run imports at call time; peak RSS after each phase;
   * export with verify=False (merge + write only), for the peak RSS of those two phases on their own.
 The three take turns (forward order, then reversed), so a busy shared machine slows them alike; the table
 gives each one's fastest round and the ratio to the floor's fastest round. Every child imports torch,
@@ -30,10 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import in_child, machine, ratio, write_result  # noqa: E402
+from bench.common import ROOT, in_child, machine, ratio, write_result
 
 RUN = ROOT / "runs" / "quickstart"
 TARGET_SECONDS = 60.0
@@ -65,8 +62,8 @@ def _preload() -> None:
     import transformers  # noqa: F401
 
     import runner.export  # noqa: F401
-    import runner.gguf  # noqa: F401
-    import runner.gguf_verify  # noqa: F401
+    import runner.export.gguf_writer  # noqa: F401
+    import runner.export.gguf_verify  # noqa: F401
     try:
         import llama_cpp  # noqa: F401
     except Exception:  # noqa: BLE001 - verification says it skipped llama.cpp
@@ -94,12 +91,12 @@ def load_floor(merged_dir: str) -> dict:
 def export_child(run_copy: str, verify: bool) -> dict:
     """tunebook's export_run on a run copy, with merge / write / verify timed and peak RSS after each."""
     _preload()
-    import runner.gguf
-    import runner.gguf_verify
-    from runner.export import export_run
+    import runner.export.gguf_writer
+    import runner.export.gguf_verify
+    from runner.export.to_gguf import export_run
 
     marks: dict = {}
-    real_write, real_verify = runner.gguf.write_gguf, runner.gguf_verify.verify_gguf
+    real_write, real_verify = runner.export.gguf_writer.write_gguf, runner.export.gguf_verify.verify_gguf
 
     def write_gguf(*args, **kwargs):
         marks["write_start"], marks["rss_before_write"] = time.perf_counter(), _rss_mib()
@@ -120,7 +117,7 @@ def export_child(run_copy: str, verify: bool) -> dict:
         finally:
             marks["verify_end"], marks["rss_after_verify"] = time.perf_counter(), _rss_mib()
 
-    runner.gguf.write_gguf, runner.gguf_verify.verify_gguf = write_gguf, verify_gguf
+    runner.export.gguf_writer.write_gguf, runner.export.gguf_verify.verify_gguf = write_gguf, verify_gguf
     rss_before = _rss_mib()
     lines: list[str] = []
     start = time.perf_counter()
@@ -139,14 +136,13 @@ def export_child(run_copy: str, verify: bool) -> dict:
 def copy_for_export(run: Path, dest: Path) -> Path:
     """What export_run reads from a run directory: recipe.yaml, the final stage's stage.json, its adapter
     and the adapters of its lineage (paths rewritten to the copies). merged/ is not copied: export merges."""
-    from runner.export import load_run
-    from runner.train import StageOutcome
+    from runner.run_dir import RunDir, StageDir
 
-    recipe = load_run(run)
+    recipe = RunDir(run).load_recipe()
     dest.mkdir(parents=True)
     shutil.copy2(run / "recipe.yaml", dest / "recipe.yaml")
     last = recipe.stages[-1].name
-    outcome = StageOutcome.load(run / last)  # paths resolved, whichever way stage.json stored them
+    outcome = StageDir(run / last).outcome()  # paths resolved, whichever way stage.json stored them
 
     def copied(adapter: str, i: int) -> str:
         src = Path(adapter)
@@ -158,7 +154,7 @@ def copy_for_export(run: Path, dest: Path) -> Path:
 
     outcome.lineage = [copied(a, i) for i, a in enumerate(outcome.lineage)]
     outcome.adapter = copied(outcome.adapter, -1)
-    outcome.save(dest / last)
+    StageDir(dest / last).save_outcome(outcome)
     return dest
 
 

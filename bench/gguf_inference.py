@@ -47,10 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import in_child, machine, memory_bandwidth_gbs, ratio, write_result  # noqa: E402
+from bench.common import ROOT, in_child, machine, memory_bandwidth_gbs, ratio, write_result
 
 RUN = ROOT / "runs" / "quickstart"
 TARGET_VS_TRANSFORMERS = 5.0

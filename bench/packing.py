@@ -31,18 +31,12 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import math
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
 BATCH = 4  # the quickstart's micro_batch_size
 
@@ -101,7 +95,7 @@ def rows_lower_bound(lengths: list[int], capacity: int) -> int:
 
 def efficiency_table(lengths: list[int], capacity: int, seed: int, batch_size: int = BATCH) -> dict:
     """Packed (tunebook), best possible, and padded figures for one set of sample lengths and one row length."""
-    from runner.data_pack import packing_efficiency
+    from runner.data.pack import packing_efficiency
 
     rows, eff = packing_efficiency(lengths, capacity)
     bound = rows_lower_bound(lengths, capacity)
@@ -120,12 +114,12 @@ def efficiency_table(lengths: list[int], capacity: int, seed: int, batch_size: i
 
 
 def stage_train(overrides: list[str]):
-    from runner.base_model import load_tokenizer
-    from runner.data import prepare_stage, recipe_dir
+    from runner.model.base import load_tokenizer
+    from runner.data.prepare import prepare_stage
     from runner.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
-    tokenizer = load_tokenizer(recipe.model, base_dir=recipe_dir(recipe))
+    tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
     data = prepare_stage(recipe, recipe.stages[0], tokenizer, log=lambda m: print(m, flush=True))
     return recipe, tokenizer, data.train
 
@@ -154,11 +148,10 @@ def efficiencies() -> list[dict]:
 def speed(n_rows: int, rounds: int, seed: int = 0) -> dict:
     import torch
 
-    from runner.data_pack import make_collator, pack_examples, plan_bins
+    from runner.data.pack import make_collator, pack_examples, plan_bins
     from train_speed import Setting, build, set_peft_cast, step
 
-    from runner.data import recipe_dir
-    from runner.model import model_source
+    from runner.model.load import model_source
 
     recipe, tokenizer, train = stage_train([])
     seq = recipe.model.max_seq_length
@@ -181,7 +174,7 @@ def speed(n_rows: int, rounds: int, seed: int = 0) -> dict:
         raise RuntimeError(f"the sides train different tokens: {trained}")
     slots = {name: sum(b["input_ids"].numel() for b in batches) for name, batches in sides.items()}
 
-    model_ref = model_source(recipe.model, recipe_dir(recipe), log=lambda *_: None)
+    model_ref = model_source(recipe.model, recipe.base_dir, log=lambda *_: None)
     model = build(model_ref, recipe, tokenizer, "bfloat16", True)
     setting = Setting("fast head, bf16 + autocast, no peft input cast", peft_cast=False)
     set_peft_cast(model, False)
@@ -225,7 +218,7 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help="efficiency figures only")
     args = parser.parse_args()
 
-    from common import machine, write_result
+    from bench.common import machine, write_result
 
     info = machine()
     start = time.perf_counter()

@@ -16,17 +16,13 @@ import contextlib
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import matmul_peak_gflops  # noqa: E402
+from bench.common import ROOT, matmul_peak_gflops
 
 
 @dataclass
@@ -63,14 +59,15 @@ SETTINGS = [
 
 def quickstart_rows(tokens_per_step: int):
     """Packed ShareGPT rows of 256, 512 and 1024 tokens made from the same samples (those <= 256 tokens)."""
-    from runner.base_model import load_tokenizer
-    from runner.data import pack_examples, prepare_stage, recipe_dir
-    from runner.model import model_source
+    from runner.model.base import load_tokenizer
+    from runner.data.pack import pack_examples
+    from runner.data.prepare import prepare_stage
+    from runner.model.load import model_source
     from runner.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    model_ref = model_source(recipe.model, recipe_dir(recipe), log=lambda *_: None)
-    tokenizer = load_tokenizer(recipe.model, base_dir=recipe_dir(recipe))
+    model_ref = model_source(recipe.model, recipe.base_dir, log=lambda *_: None)
+    tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
     data = prepare_stage(recipe, recipe.stages[0], tokenizer, log=lambda *_: None)
     short = [e for e in data.train if len(e["input_ids"]) <= 256]
     rows = {}
@@ -84,7 +81,7 @@ def quickstart_rows(tokens_per_step: int):
 def build(model_ref, recipe, tokenizer, weights: str, tokens: bool):
     from peft import get_peft_model
 
-    from runner.model import load_base, lora_config
+    from runner.model.load import load_base, lora_config
 
     torch.manual_seed(0)
     base = load_base(model_ref, recipe.model, getattr(torch, weights))
@@ -96,7 +93,7 @@ def set_head(model, head: str) -> None:
     import trl.trainer.utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from runner.fast_head import add_fast_lm_head
+    from runner.model.fast_head import add_fast_lm_head
 
     model.get_base_model().__dict__.pop("forward", None)  # back to the class forward before patching again
     if head == "fast":
@@ -113,7 +110,7 @@ def set_peft_cast(model, enabled: bool) -> None:
 
 
 def collate(rows, tokenizer, seq):
-    from runner.data_pack import make_collator
+    from runner.data.pack import make_collator
 
     return make_collator(tokenizer, packing=True, max_length=seq)(rows)
 

@@ -55,16 +55,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-
-import common  # noqa: E402
+from bench import common
+from bench.common import ROOT
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 MICRO_BATCH, GRAD_ACCUM, MAX_LENGTH, LR, SEED = 4, 2, 512, 2e-4, 3407
@@ -179,7 +175,7 @@ def _model_shape(model) -> dict:
 def run_tunebook(steps: int) -> dict:
     import torch
 
-    import runner.train as train_module
+    import runner.train.hf_trainer as train_module
     from runner.pipeline import train_recipe
     from runner.recipe import load_recipe
 
@@ -254,24 +250,25 @@ def run_trl(steps: int, model_path: str, chat_template: str, conversations: list
 def quickstart_train_conversations():
     """The model path, the recipe's chat template and the stage `general` train split as conversations (the
     same rows, in the same order, as prepare_stage's train examples) with each one's assistant-token count."""
-    from runner.base_model import load_tokenizer
-    from runner.data import _conversations, prepare_stage, recipe_dir
-    from runner.data_report import DataReport
-    from runner.data_sources import BadRecords, open_source
-    from runner.data_split import shuffled, split_indices
-    from runner.data_tokenize import IGNORE, tokenize_conversations
-    from runner.model import model_source
+    from runner.model.base import load_tokenizer
+    from eval.labels import IGNORE_INDEX as IGNORE
+    from runner.data.prepare import prepare_stage, read_conversations
+    from runner.data.report import DataReport
+    from runner.data.sources import BadRecords, open_source
+    from runner.data.split import shuffled, split_indices
+    from runner.data.templates import resolve_chat_template
+    from runner.data.tokenize import tokenize_conversations
+    from runner.model.load import model_source
     from runner.recipe import load_recipe
-    from runner.templates import resolve_chat_template
 
     recipe = load_recipe(RECIPE)
     stage = recipe.stages[0]
-    model_path = model_source(recipe.model, recipe_dir(recipe), log=lambda *_: None)
-    tokenizer = load_tokenizer(recipe.model, base_dir=recipe_dir(recipe))
-    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=recipe_dir(recipe))
+    model_path = model_source(recipe.model, recipe.base_dir, log=lambda *_: None)
+    tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
+    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=recipe.base_dir)
     cfg = stage.data
-    data = open_source(cfg.source, recipe_dir(recipe), subset=cfg.subset, split=cfg.split).read(BadRecords(cfg.on_bad_record))
-    convs = _conversations(data.records, cfg, DataReport(stage=stage.name), BadRecords(cfg.on_bad_record), lambda *_: None)
+    data = open_source(cfg.source, recipe.base_dir, subset=cfg.subset, split=cfg.split).read(BadRecords(cfg.on_bad_record))
+    convs = read_conversations(data.records, cfg, DataReport(stage=stage.name), BadRecords(cfg.on_bad_record), lambda *_: None)
     if cfg.shuffle:
         convs = shuffled(convs, recipe.seed)
     if cfg.max_samples:

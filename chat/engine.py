@@ -24,55 +24,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chat.templates import FORMAT_MARKERS, TURN_MARKERS, strip_generation_markers, template_names, template_text
+
 log = logging.getLogger("tunebook.chat")
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)
 
-# Chat formats for a GGUF without an embedded template. Chosen by the special tokens the
-# vocabulary has; written as Jinja templates so both paths format the same way.
-FALLBACK_TEMPLATES = {
-    # Gemma's own format: no system role, the system text opens the first user turn.
-    "gemma": (
-        "{{ bos_token }}"
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-        "{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}"
-        "{%- set first_user_prefix = '' -%}"
-        "{%- set loop_messages = messages -%}"
-        "{%- endif -%}"
-        "{%- for message in loop_messages -%}"
-        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '')"
-        " + message['content'] | trim + '<end_of_turn>\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-    ),
-    "llama-3": (
-        "{{ bos_token }}"
-        "{%- for message in messages -%}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-        "{%- endif -%}"
-    ),
-    "chatml": (
-        "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-    ),
-}
-# The special token whose presence picks each fallback, in order of preference.
-FALLBACK_MARKERS = (("gemma", "<start_of_turn>"), ("llama-3", "<|eot_id|>"), ("chatml", "<|im_start|>"))
-# Text that ends an assistant turn in the formats above. The end-of-turn token is normally an
-# end-of-generation token for llama.cpp already; these strings also stop a model whose tokenizer
-# spells the marker as plain text. A base model may also start the next turn itself.
-TURN_MARKERS = ("<end_of_turn>", "<start_of_turn>", "<|eot_id|>", "<|start_header_id|>", "<|im_end|>",
-                "<|im_start|>", "<|end|>", "<|endoftext|>")
+# Chat formats for a GGUF without an embedded template: the project's named templates (chat/templates/),
+# chosen by the special tokens the vocabulary has.
+FALLBACK_TEMPLATES = {name: strip_generation_markers(template_text(name)) for name in template_names()}
 TRIM_NOTE = " [...]"
 
 
@@ -269,7 +230,11 @@ class ChatEngine:
             ids = self.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
             if len(ids) == 1:
                 self.stop_ids.add(ids[0])
-        self._is_end = lambda token, vocab=model.vocab: llama_cpp.llama_vocab_is_eog(vocab, token)
+        self._vocab, self._is_eog = model.vocab, llama_cpp.llama_vocab_is_eog
+
+    def is_end_token(self, token: int) -> bool:
+        """A token that ends the reply: end-of-turn, EOS, or one of the template's turn markers."""
+        return token in self.stop_ids or bool(self._is_eog(self._vocab, token))
 
     # ---- formatting -------------------------------------------------------------------------
 
@@ -277,7 +242,7 @@ class ChatEngine:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) == 1
 
     def _guess_fallback(self) -> str:
-        for name, marker in FALLBACK_MARKERS:
+        for name, marker in FORMAT_MARKERS:
             if self._is_single_token(marker):
                 return name
         return "chatml"
@@ -400,7 +365,7 @@ class ChatEngine:
                 for token in tokens:
                     if stop_event is not None and stop_event.is_set():
                         return
-                    if token in self.stop_ids or self._is_end(token):
+                    if self.is_end_token(token):
                         break
                     completion.append(token)
                     raw = llm.detokenize(completion, prev_tokens=prompt.tokens)

@@ -51,50 +51,6 @@ _OFFLINE_ENV = {
 }
 
 
-def find_gguf(run_dir_or_file: str | os.PathLike) -> Path:
-    """The GGUF to serve: the file itself, or the one exported into a run directory.
-
-    A run directory `runs/<name>/` holds `<name>-q8_0.gguf`; without it, another `*-q8_0.gguf`, then
-    any `*.gguf` is taken.
-    """
-    path = Path(run_dir_or_file).expanduser()
-    if not path.exists():
-        raise ChatError(f"no such run directory or GGUF file: {path}")
-    if path.is_file():
-        return check_gguf(path)
-    candidates = [path / f"{path.resolve().name}-q8_0.gguf"]
-    candidates += sorted(path.glob("*-q8_0.gguf")) + sorted(path.glob("*.gguf"))
-    for candidate in candidates:
-        if candidate.is_file():
-            return check_gguf(candidate)
-    raise ChatError(
-        f"no .gguf file in {path}: export the run first (it writes {path.name}-q8_0.gguf there), "
-        "or pass the path of a .gguf file"
-    )
-
-
-def run_system_prompt(run_dir_or_file: str | os.PathLike) -> str | None:
-    """The system prompt the run trained with: its last stage's `data.system_prompt` in
-    `recipe.resolved.yaml` (next to the GGUF). None when there is none; the app then uses VetAI's."""
-    path = Path(run_dir_or_file).expanduser()
-    resolved = (path if path.is_dir() else path.parent) / "recipe.resolved.yaml"
-    if not resolved.is_file():
-        return None
-    from ruamel.yaml import YAML, YAMLError
-
-    try:
-        recipe = YAML(typ="safe").load(resolved.read_text(encoding="utf-8")) or {}
-    except (OSError, YAMLError) as e:
-        raise ChatError(f"cannot read {resolved}: {e}") from e
-    prompts = [
-        ((stage or {}).get("data") or {}).get("system_prompt")
-        for stage in recipe.get("stages") or []
-        if isinstance(stage, dict)
-    ]
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-    return prompts[-1] if prompts else None
-
-
 def chainlit_home() -> Path:
     """Chainlit's app root: the shipped folder, or a copy of it when that is read-only (site-packages)."""
     if os.access(CHAINLIT_HOME, os.W_OK):

@@ -33,7 +33,6 @@ numbers of batches.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from eval.labels import IGNORE_INDEX
+
 POLICIES = ("truncate", "sliding")
 
 

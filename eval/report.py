@@ -1,15 +1,19 @@
-"""Reports that compare runs: the seed's table (hyperparameters, lowest validation loss, best perplexity,
-step of best) with the relative change between rows, and PNG curves of validation loss and perplexity
-against optimizer step, per run and overlaid."""
+"""Reports as text and pictures: the seed's comparison table (hyperparameters, lowest validation loss, best
+perplexity, step of best) with the relative change between rows, the forgetting matrix, the quality
+sections, a targets table, and PNG curves of validation loss and perplexity per run and overlaid.
+
+Everything here renders what it is given (rows, matrices, measured results) and writes nothing: the caller
+reads the run and decides where the report goes."""
 from __future__ import annotations
 
-import json
+import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-from runner.metrics import read_metrics
-from runner.recipe import Recipe, load_recipe
+from eval.generation import QUESTIONS
+from eval.numbers import number_text
+
+SAMPLES_SHOWN = 5
 
 
 @dataclass
@@ -34,18 +38,6 @@ class StageRow:
         return f"{self.run}/{self.stage}"
 
 
-def run_rows(run_dir: Path) -> list[StageRow]:
-    recipe: Recipe = load_recipe(run_dir / "recipe.yaml")
-    rows = []
-    for stage in recipe.stages:
-        metrics = read_metrics(run_dir / stage.name / "metrics.jsonl")
-        evals = sorted((m for m in metrics if m.get("eval_loss") is not None), key=lambda m: m["step"])
-        t = stage.train
-        rows.append(StageRow(recipe.name, stage.name, recipe.model.base, recipe.lora.r, recipe.lora.alpha,
-                             t.learning_rate, t.micro_batch_size, t.gradient_accumulation_steps, recipe.backend, evals))
-    return rows
-
-
 def _num(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -56,11 +48,13 @@ def relative(new: float, old: float) -> str:
     return f"{(new - old) / old * 100:+.1f}%"
 
 
+def _pct(x: float) -> str:
+    return f"{x * 100:+.2f}%"
+
+
 def comparison_table(rows: list[StageRow]) -> str:
     """The seed's table; 'Δ ppl' compares a row's best perplexity with the previous row of the same stage
     name (the same validation data), e.g. the 1B run's `general` and the 3B run's `general`."""
-    from runner.resolved import number_text
-
     head = ("| run | stage | model | backend | LoRA r | alpha | learning rate | micro batch | grad accum | "
             "lowest val loss | best perplexity | step of best | Δ ppl vs previous run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -79,15 +73,23 @@ def comparison_table(rows: list[StageRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[StageRow], out_dir: Path, prefix: str = "") -> list[Path]:
-    """One PNG per run (loss and perplexity side by side) and two overlays across runs."""
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_curves(rows: list[StageRow], prefix: str = "") -> dict[str, bytes]:
+    """{file name: PNG}: one picture per stage row (loss and perplexity side by side) and two overlays."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    images: dict[str, bytes] = {}
     plotted = [r for r in rows if r.evals]
     for row in plotted:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -99,10 +101,7 @@ def plot_curves(rows: list[StageRow], out_dir: Path, prefix: str = "") -> list[P
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out_dir / f"{prefix}{row.run}-{row.stage}-curves.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        images[f"{prefix}{row.run}-{row.stage}-curves.png"] = _png(fig)
     for key, ylabel, name in (("eval_loss", "validation loss (nats/token)", "val-loss"),
                               ("eval_ppl", "perplexity (exp of loss)", "perplexity")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -113,11 +112,8 @@ def plot_curves(rows: list[StageRow], out_dir: Path, prefix: str = "") -> list[P
         if plotted:
             ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{prefix}compare-{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+        images[f"{prefix}compare-{name}.png"] = _png(fig)
+    return images
 
 
 def forgetting_table(matrix: dict) -> str:
@@ -139,37 +135,55 @@ def forgetting_table(matrix: dict) -> str:
     return "\n".join(lines)
 
 
-def write_compare_report(run_dirs: list[Path], out_dir: Path) -> Path:
-    rows = [row for run_dir in run_dirs for row in run_rows(run_dir)]
-    images = plot_curves(rows, out_dir)
+def quantization_section(q: dict, stage: str) -> str:
+    flag = "" if q["within_tolerance"] else f" **over the {q['tolerance'] * 100:.0f}% tolerance**"
+    return (f"| model | {stage} validation perplexity |\n|---|---|\n| merged (torch, float32) | "
+            f"{q['merged_ppl']:.4f} |\n| GGUF (llama.cpp) | {q['gguf_ppl']:.4f} |\n\n"
+            f"GGUF vs merged: {_pct(q['relative'])}{flag} ({q['tokens']:,} scored tokens).")
+
+
+def generation_section(g: dict, stage: str, val_examples: int) -> str:
+    fewer = (f" The {stage} validation set has {val_examples} conversations, fewer than {QUESTIONS}: all "
+             f"{g['questions']} usable first questions were asked." if g["questions"] < QUESTIONS else "")
+    lines = [f"{g['questions']} held-out {stage} questions (first user turn of validation conversations), "
+             f"answered by the GGUF through the chat engine, greedy, at most {g['max_tokens']} tokens.{fewer}", "",
+             f"- stopped at end-of-turn: **{g['stopped']}/{g['questions']} ({g['stop_rate'] * 100:.1f}%)**",
+             f"- first streamed token: median {g['first_token_s_median']:.2f} s, max {g['first_token_s_max']:.2f} s",
+             f"- generation: {g['tokens_per_s']:.1f} tokens/s",
+             f"- prompt tokens identical to training's: {g['same_prompt_as_training']}/{g['questions']}", ""]
+    for row in g["answers"][:SAMPLES_SHOWN]:
+        answer = row["answer"] if len(row["answer"]) <= 700 else row["answer"][:700] + " …"
+        lines += [f"**Q:** {row['question']}", "", f"**A** ({row['tokens']} tokens"
+                  f"{'' if row['stopped'] else ', did not stop'}): {answer}", ""]
+    return "\n".join(lines).rstrip()
+
+
+def targets_table(rows: list[tuple[str, str, bool]]) -> str:
+    """(target, what was measured, met) rows as a table; empty when there are none."""
+    if not rows:
+        return ""
+    return "| target | measured | met |\n|---|---|---|\n" + "\n".join(
+        f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in rows)
+
+
+def run_report(rows: list[StageRow], forgetting: dict | None, sections: dict[str, str], images: list[str]) -> str:
+    """runs/<name>/report.md: the stage table, forgetting matrix, any extra sections, then the curves."""
+    parts = [f"# {rows[0].run}", "", comparison_table(rows), ""]
+    if forgetting:
+        parts += ["## Forgetting matrix (validation perplexity)", "", forgetting_table(forgetting), "",
+                  "Each cell: perplexity of the model in that row on that stage's validation set, and in "
+                  "brackets its change from the row above.", ""]
+    for title, body in sections.items():
+        parts += [f"## {title}", "", body, ""]
+    for image in images:
+        parts += [f"![{image.rsplit('.', 1)[0]}]({image})", ""]
+    return "\n".join(parts)
+
+
+def compare_report(rows: list[StageRow], images: list[str]) -> str:
     parts = ["# Run comparison", "", comparison_table(rows), "",
              "Validation loss is the token-weighted mean negative log-likelihood over assistant tokens; "
              "perplexity = exp(loss). Δ ppl is the change of best perplexity from the row above.", ""]
     for image in images:
-        parts += [f"![{image.stem}]({image.name})", ""]
-    out = out_dir / "report.md"
-    from runner.atomic import write_text
-
-    write_text(out, "\n".join(parts))
-    return out
-
-
-def write_run_report(run_dir: Path, sections: dict[str, str] | None = None) -> Path:
-    """runs/<name>/report.md: the stage table, curves, forgetting matrix and any extra sections."""
-    from runner.atomic import write_text
-
-    rows = run_rows(run_dir)
-    images = plot_curves(rows, run_dir)
-    parts = [f"# {rows[0].run}", "", comparison_table(rows), ""]
-    forgetting = run_dir / "forgetting.json"
-    if forgetting.is_file():
-        parts += ["## Forgetting matrix (validation perplexity)", "", forgetting_table(json.loads(forgetting.read_text())),
-                  "", "Each cell: perplexity of the model in that row on that stage's validation set, and in "
-                  "brackets its change from the row above.", ""]
-    for title, body in (sections or {}).items():
-        parts += [f"## {title}", "", body, ""]
-    for image in images:
-        parts += [f"![{image.stem}]({image.name})", ""]
-    out = run_dir / "report.md"
-    write_text(out, "\n".join(parts))
-    return out
+        parts += [f"![{image.rsplit('.', 1)[0]}]({image})", ""]
+    return "\n".join(parts)

@@ -11,6 +11,19 @@ class TunebookError(Exception):
     exit_code = 2
 
 
+class Interrupted(TunebookError):
+    """Ctrl-C (or a backend process stopped by it): what was saved is kept, rerunning resumes. Exit status 130."""
+
+    exit_code = 130
+
+
+class GGUFExportError(TunebookError):
+    """A model folder that cannot be written as GGUF; the message says what and how to fix it."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}\n    fix: {fix}")
+
+
 @dataclass(frozen=True)
 class Loc:
     """Where a value came from: a file with a 1-based line and column, or a command-line `--set`."""

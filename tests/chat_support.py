@@ -51,7 +51,7 @@ def tiny_gguf(kind: str = "llama") -> Path:
     and then its end-of-turn token."""
     import tiny_gguf_models
 
-    from runner.gguf import write_gguf
+    from runner.export.gguf_writer import write_gguf
 
     work = Path(tempfile.mkdtemp(prefix=f"tunebook-chat-tiny-{kind}-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

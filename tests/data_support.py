@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runner.data import prepare_stage
+from runner.data.prepare import prepare_stage
 from runner.recipe import Recipe
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -24,8 +24,7 @@ def make_recipe(recipe_dir: Path, data: dict, *, template: str | None = "llama-3
         "model": {"base": "tiny", "chat_template": template, "max_seq_length": max_length},
         "stages": [{"name": "s", "data": {"val_size": 0, **data}, "train": train or {"max_steps": 1}}],
     })
-    recipe._path = recipe_dir / "recipe.yaml"
-    return recipe
+    return recipe.read_from(recipe_dir / "recipe.yaml")
 
 
 def prepare(recipe: Recipe, tokenizer, cache_dir: Path, logs: list | None = None):

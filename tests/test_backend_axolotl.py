@@ -15,18 +15,18 @@ import sys
 import pytest
 import yaml
 
-from runner.backends.axolotl import (GPU_KERNELS, axolotl_config, config_yaml, export_configs, metrics_rows,
+from runner.train.axolotl import (GPU_KERNELS, axolotl_config, config_yaml, export_configs, metrics_rows,
                                      validate, write_stage_files)
 from runner.errors import TunebookError
-from runner.metrics import read_metrics
+from runner.train.metrics import read_metrics
 from runner.recipe import load_recipe
-from runner.train import StageOutcome
-from train_support import ROOT, chat_data, tiny_base, two_stage_recipe, write_recipe
+from runner.run_dir import RunDir, StageDir
+from train_support import ROOT, tiny_base, two_stage_recipe, write_recipe
 
 
 @pytest.fixture(scope="session")
 def axolotl_env():
-    from runner.backends.axolotl import axolotl_exe
+    from runner.train.axolotl import axolotl_exe
 
     try:
         return axolotl_exe()
@@ -127,15 +127,15 @@ def test_messages_fields_formats_and_training_options(tmp_path):
 
 def test_same_split_as_the_hf_backend(tmp_path):
     """With the tokenizer, the files hold exactly the samples prepare_stage trains and validates on."""
-    from runner.base_model import load_tokenizer
-    from runner.data import prepare_stage
+    from runner.model.base import load_tokenizer
+    from runner.data.prepare import prepare_stage
 
     recipe = load_recipe(two_stage_recipe(tmp_path))
     tokenizer = load_tokenizer(recipe.model)
     stage = recipe.stages[0]
     files = write_stage_files(recipe, stage, tmp_path / "files", tokenizer)
     prepared = prepare_stage(recipe, stage, tokenizer, cache_dir=tmp_path / "cache", log=lambda m: None)
-    from runner.data_tokenize import tokenize_conversations
+    from runner.data.tokenize import tokenize_conversations
 
     for path, examples in ((files.train, prepared.train), (files.val, prepared.val)):
         convs = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
@@ -164,10 +164,10 @@ def test_metrics_rows_from_log_history():
 
 
 def test_missing_environment_says_how_to_make_it(tmp_path, monkeypatch):
-    import runner.backends as backends
-    from runner.backends import get_backend
+    import runner.train.external as external
+    from runner.train.backends import get_backend
 
-    monkeypatch.setattr(backends, "REPO", tmp_path)
+    monkeypatch.setattr(external, "REPO", tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TUNEBOOK_AXOLOTL", raising=False)
     recipe = load_recipe(two_stage_recipe(tmp_path), ["backend=axolotl"])
@@ -235,14 +235,14 @@ def runs(tmp_path_factory, axolotl_env):
     outcomes = train_recipe(axolotl, log=logs.append)
     hf = load_recipe(path, ["name=hf"])
     train_recipe(hf, log=lambda m: None)
-    return axolotl, outcomes, hf.run_dir(), logs
+    return axolotl, outcomes, RunDir.of(hf).path, logs
 
 
 def test_axolotl_trains_both_stages(runs):
     recipe, outcomes, _, logs = runs
     assert [(o.name, o.status, o.steps) for o in outcomes] == [("general", "done", 6), ("vet", "done", 4)]
     assert any("axolotl train" in m and "--launcher python" in m for m in logs)
-    run_dir = recipe.run_dir()
+    run_dir = RunDir.of(recipe).path
     general = yaml.safe_load((run_dir / "general" / "axolotl" / "config.yaml").read_text())
     vet = yaml.safe_load((run_dir / "vet" / "axolotl" / "config.yaml").read_text())
     assert all(general[k] is False for k in GPU_KERNELS)  # no GPU here
@@ -253,7 +253,7 @@ def test_axolotl_trains_both_stages(runs):
 def test_axolotl_metrics_land_in_the_run_dir(runs):
     recipe, outcomes, _, _ = runs
     for outcome, steps in zip(outcomes, (6, 4)):
-        rows = read_metrics(recipe.run_dir() / outcome.name / "metrics.jsonl")
+        rows = read_metrics(RunDir.of(recipe).path / outcome.name / "metrics.jsonl")
         evals = [r for r in rows if "eval_loss" in r]
         assert [r["step"] for r in evals] == list(range(2, steps + 1, 2))
         for r in evals:
@@ -265,9 +265,9 @@ def test_axolotl_metrics_land_in_the_run_dir(runs):
         assert train[-1]["tokens_seen"] > train[0]["tokens_seen"] and train[-1]["seconds"] > train[0]["seconds"]
         best = min(evals, key=lambda r: r["eval_loss"])
         assert (outcome.best_step, outcome.best_eval_loss) == (best["step"], best["eval_loss"])
-        saved = json.loads((recipe.run_dir() / outcome.name / "stage.json").read_text())
+        saved = json.loads((RunDir.of(recipe).path / outcome.name / "stage.json").read_text())
         assert saved["status"] == "done" and saved["adapter"] == f"{outcome.name}/adapter"  # relative to the run
-        assert StageOutcome.load(recipe.run_dir() / outcome.name).adapter == outcome.adapter
+        assert StageDir(RunDir.of(recipe).path / outcome.name).outcome().adapter == outcome.adapter
 
 
 def test_axolotl_adapters_score_the_same_in_tunebook(runs):
@@ -275,7 +275,7 @@ def test_axolotl_adapters_score_the_same_in_tunebook(runs):
     it matches axolotl's last evaluation (same samples; equal-length batches, so batch means = token mean),
     and the vet stage started from the general adapter (its step-0 evaluation is the general adapter on vet)."""
     recipe, _, _, _ = runs
-    run_dir = recipe.run_dir()
+    run_dir = RunDir.of(recipe).path
     matrix = json.loads((run_dir / "forgetting.json").read_text())
     for stage in ("general", "vet"):
         last = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if "eval_loss" in r][-1]
@@ -289,11 +289,11 @@ def test_axolotl_adapters_score_the_same_in_tunebook(runs):
 
 
 def test_compare_shows_axolotl_beside_hf(runs, tmp_path):
-    from eval.report import write_compare_report
+    from runner.measure.report import write_compare_report
 
     recipe, _, hf_dir, _ = runs
-    text = write_compare_report([recipe.run_dir(), hf_dir], tmp_path).read_text()
-    for run, backend in ((recipe.run_dir(), "axolotl"), (hf_dir, "hf")):
+    text = write_compare_report([RunDir.of(recipe).path, hf_dir], tmp_path).read_text()
+    for run, backend in ((RunDir.of(recipe).path, "axolotl"), (hf_dir, "hf")):
         for stage in ("general", "vet"):
             row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} | {stage} |"))
             cells = [c.strip() for c in row.strip("|").split("|")]
@@ -319,7 +319,8 @@ def test_ctrl_c_waits_for_the_backend_process_and_says_how_to_resume(tmp_path):
     import signal
     import threading
 
-    from runner.backends import Interrupted, run_logged
+    from runner.errors import Interrupted
+    from runner.train.external import run_logged
 
     marker = tmp_path / "child-finished"
     child = f"import time; print('training', flush=True); time.sleep(2); open({str(marker)!r}, 'w').close()"
@@ -336,9 +337,9 @@ def test_merge_init_base_is_the_previous_adapter_merged_in(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from eval.perplexity import evaluate_torch
-    from runner.backends import merged_base
-    from runner.base_model import load_tokenizer
-    from runner.data import prepare_stage
+    from runner.train.external import merged_base
+    from runner.model.base import load_tokenizer
+    from runner.data.prepare import prepare_stage
 
     recipe, outcomes, _, _ = runs
     folder = tmp_path / "merged"
@@ -346,7 +347,7 @@ def test_merge_init_base_is_the_previous_adapter_merged_in(runs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = load_tokenizer(recipe.model)
     val = prepare_stage(recipe, recipe.stages[0], tokenizer, log=lambda m: None).val
-    matrix = json.loads((recipe.run_dir() / "forgetting.json").read_text())
+    matrix = json.loads((RunDir.of(recipe).path / "forgetting.json").read_text())
     assert evaluate_torch(model, val, batch_size=4, progress=False, pad_id=tokenizer.pad_token_id).loss == \
         pytest.approx(matrix["loss"]["general"]["general"], rel=1e-5)
     stamp = (folder / "merged-from.json").stat().st_mtime_ns

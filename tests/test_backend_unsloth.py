@@ -14,10 +14,11 @@ import sys
 
 import pytest
 
-from runner.backends import unsloth as backend
+from runner.train import unsloth as backend
 from runner.errors import TunebookError
-from runner.metrics import read_metrics
+from runner.train.metrics import read_metrics
 from runner.recipe import load_recipe
+from runner.run_dir import RunDir
 from train_support import ROOT, two_stage_recipe, write_recipe
 
 
@@ -97,7 +98,7 @@ def test_two_stages_through_unsloth_cpu_fallback(tmp_path):
     assert [(o.name, o.status, o.steps) for o in outcomes] == [("general", "done", 6), ("vet", "done", 4)]
     assert any("unsloth trains on the CPU" in m for m in logs) or backend.gpu_available()
     assert any("continuing the adapter" in m for m in logs)
-    run_dir = recipe.run_dir()
+    run_dir = RunDir.of(recipe).path
     matrix = json.loads((run_dir / "forgetting.json").read_text())
     for outcome, steps in zip(outcomes, (6, 4)):
         rows = read_metrics(run_dir / outcome.name / "metrics.jsonl")

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from eval_throughput import batch_mean_loss, relative_gap, token_weighted_loss  # noqa: E402
-from packing import padded_batches, padded_efficiency, rows_lower_bound  # noqa: E402
-from runner.data_pack import plan_bins  # noqa: E402
+from bench.eval_throughput import batch_mean_loss, relative_gap, token_weighted_loss
+from bench.packing import padded_batches, padded_efficiency, rows_lower_bound
+from runner.data.pack import plan_bins
 
 
 def test_padded_efficiency_dataset_order_and_given_order():

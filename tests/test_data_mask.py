@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 
 from data_support import conversation, make_recipe, prepare, trained_runs, write_jsonl
-from runner.data_render import render_with_spans
-from runner.data_tokenize import IGNORE, tokenize_conversations
+from chat.templates import TEMPLATE_DIR, has_generation_markers, strip_generation_markers, template_names
+from eval.labels import IGNORE_INDEX as IGNORE
+from runner.data.render import end_of_turn_token, render_with_spans
+from runner.data.templates import resolve_chat_template
+from runner.data.tokenize import tokenize_conversations
 from runner.errors import TunebookError
-from runner.templates import (TEMPLATE_DIR, end_of_turn_token, has_generation_markers, resolve_chat_template,
-                              strip_generation_markers, template_names)
 from tiny_models import make_tokenizer
 
 CONV = conversation("What should I feed my cat?", "A balanced diet and fresh water.",
@@ -87,7 +88,7 @@ def test_gemma_puts_the_system_text_in_the_first_user_turn():
 
 
 def test_generation_prompt(tok):
-    from runner.data_render import render_text
+    from runner.data.render import render_text
 
     template = resolve_chat_template("llama-3", tok)
     text = render_text(template, CONV[:2], tok, add_generation_prompt=True)

@@ -6,9 +6,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from data_support import conversation
-from runner.data_pack import make_collator, pack_examples, packing_efficiency, plan_bins
-from runner.data_tokenize import IGNORE, tokenize_conversations
-from runner.templates import resolve_chat_template
+from runner.data.pack import make_collator, pack_examples, packing_efficiency, plan_bins
+from eval.labels import IGNORE_INDEX as IGNORE
+from runner.data.templates import resolve_chat_template
+from runner.data.tokenize import tokenize_conversations
 from tiny_models import make_tiny_llama, make_tokenizer
 
 MAX = 256

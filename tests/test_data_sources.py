@@ -8,8 +8,8 @@ import time
 import pytest
 
 from data_support import make_recipe, prepare, write_jsonl
-from runner import data_sources
-from runner.data_sources import BadRecords, open_source, read_json_array
+from runner.data import sources as data_sources
+from runner.data.sources import BadRecords, open_source, read_json_array
 from runner.errors import TunebookError
 from tiny_models import make_tokenizer
 

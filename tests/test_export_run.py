@@ -9,9 +9,10 @@ import gguf
 import pytest
 
 from eval.perplexity import evaluate_gguf, evaluate_torch
-from runner.export import export_run
+from runner.export.to_gguf import export_run
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
+from runner.run_dir import RunDir
 from train_support import ROOT, two_stage_recipe
 
 
@@ -20,7 +21,7 @@ def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     recipe = load_recipe(two_stage_recipe(folder, name="exp"))
     train_recipe(recipe, log=lambda m: None)
-    return recipe, recipe.run_dir()
+    return recipe, RunDir.of(recipe).path
 
 
 def _field(reader: gguf.GGUFReader, key: str):
@@ -43,7 +44,7 @@ def test_export_writes_a_verified_gguf_with_the_training_template(run, quant, to
     assert _field(reader, "general.name") == "exp"
 
     # the GGUF scores the vet validation set like the merged model does
-    from runner.data import prepare_stage
+    from runner.data.prepare import prepare_stage
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)

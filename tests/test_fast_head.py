@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from runner import fast_head
-from runner.data_pack import make_collator, pack_examples
-from runner.fast_head import add_fast_lm_head, head_nll, is_installed
+from runner.model import fast_head
+from runner.data.pack import make_collator, pack_examples
+from runner.model.fast_head import add_fast_lm_head, head_nll, is_installed
 
 VOCAB = 97
-IGNORE = -100
+from eval.labels import IGNORE_INDEX as IGNORE
 
 
 def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:

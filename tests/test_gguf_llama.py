@@ -11,9 +11,9 @@ import pytest
 from safetensors import safe_open
 from tiny_gguf_models import LLAMA3_TEMPLATE, QUESTION, REPLY, build, chat_reply
 
-import runner.gguf as gguf_export
-from runner.gguf import GGUFExportError, permute_qk, write_gguf
-from runner.gguf_verify import LEVELS, GGUFVerifyError, check_tensors, llama_cpp_skip_reason, verify_gguf
+import runner.export.gguf_writer as gguf_export
+from runner.export.gguf_writer import GGUFExportError, permute_qk, write_gguf
+from runner.export.gguf_verify import LEVELS, GGUFVerifyError, check_tensors, llama_cpp_skip_reason, verify_gguf
 
 QUANTS = ("f32", "f16", "q8_0")
 SKIP_LLAMA_CPP = llama_cpp_skip_reason()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_gguf_models import llama_tokenizer, one_thread, randomize_norms, save
 
-from runner.gguf import write_gguf
-from runner.gguf_verify import llama_cpp_skip_reason, verify_gguf
+from runner.export.gguf_writer import write_gguf
+from runner.export.gguf_verify import llama_cpp_skip_reason, verify_gguf
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])

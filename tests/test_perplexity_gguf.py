@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("llama_cpp")
-runner_gguf = pytest.importorskip("runner.gguf")
+runner_gguf = pytest.importorskip("runner.export.gguf_writer")
 
 from eval.perplexity import IGNORE_INDEX, evaluate_gguf, evaluate_torch  # noqa: E402
 

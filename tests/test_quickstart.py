@@ -54,7 +54,9 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert 1 < q["merged_ppl"] and abs(q["relative"] - (q["gguf_ppl"] - q["merged_ppl"]) / q["merged_ppl"]) < 1e-12
     assert abs(q["relative"]) < 0.15  # the same model (a wrong export is off by far more); the 1% bar is for the full run
     g = quality["generation"]
-    assert g["questions"] == 4 and 0 <= g["stopped"] <= 4 and len(g["answers"]) == 4
+    assert g["questions"] == 4 and len(g["answers"]) == 4
+    assert g["stopped"] == sum(a["stopped"] for a in g["answers"]) and g["stop_rate"] == g["stopped"] / 4
+    assert all(a["stopped"] or a["tokens"] == g["max_tokens"] for a in g["answers"])  # only a full answer is cut
     assert g["same_prompt_as_training"] == 4  # the GGUF's template renders exactly the training prompt
     assert all(a["answer"] and 0 < a["tokens"] <= 256 for a in g["answers"])
 
@@ -69,4 +71,5 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     before = {p: p.stat().st_mtime for p in (gguf, run / "report.md", run / "quality.json")}
     log = train(tmp_path)
     assert "export is up to date" in log and "quality checks are up to date" in log and "report is up to date" in log
+    assert "forgetting matrix is up to date" in log and "merged model is up to date" in log
     assert {p: p.stat().st_mtime for p in before} == before

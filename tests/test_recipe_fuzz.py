@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
 from runner.errors import RecipeError
-from runner.plan import plan
+from runner.recipe.plan import plan
 from runner.recipe import load_recipe
-from runner.recipe_source import read_yaml
+from runner.recipe.source import read_yaml
 
 from conftest import RECIPES
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.plan import plan
+from runner.recipe.plan import plan
 from runner.recipe import check_defaults_file, is_defaults_file, load_recipe
 
 from conftest import RECIPES

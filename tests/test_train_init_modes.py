@@ -8,9 +8,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from runner.model import build_stage_model
+from runner.model.load import build_stage_model
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
+from runner.run_dir import RunDir, StageOutcome
 from train_support import two_stage_recipe
 
 
@@ -19,7 +20,7 @@ def stage1(tmp_path_factory):
     folder = tmp_path_factory.mktemp("init")
     recipe = load_recipe(two_stage_recipe(folder), ["stages.1.train.max_steps=2"])
     train_recipe(recipe, only_stage="general", log=lambda m: None)
-    return recipe, recipe.run_dir() / "general" / "adapter", recipe.model.base
+    return recipe, RunDir.of(recipe).path / "general" / "adapter", recipe.model.base
 
 
 def _base(path):
@@ -35,10 +36,12 @@ def _logits(model):
 
 def test_continue_starts_from_the_previous_adapter_and_trains_it(stage1):
     recipe, adapter, base = stage1
-    model, lineage = build_stage_model(_base(base), "continue", recipe.lora, adapter, [], False, False)
+    previous = StageOutcome("general", "done", str(adapter))
+    assert previous.lineage_after("continue") == []
+    model = build_stage_model(_base(base), "continue", recipe.lora, adapter, [], False, False)
     saved = load_file(adapter / "adapter_model.safetensors")
     state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    assert lineage == [] and len(saved) == len(state) > 0
+    assert len(saved) == len(state) > 0
     for name, value in saved.items():
         match = [v for k, v in state.items() if k.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
         assert len(match) == 1 and torch.equal(match[0], value), name
@@ -49,8 +52,9 @@ def test_continue_starts_from_the_previous_adapter_and_trains_it(stage1):
 
 def test_merge_starts_from_base_plus_adapter_with_a_fresh_adapter(stage1):
     recipe, adapter, base = stage1
-    model, lineage = build_stage_model(_base(base), "merge", recipe.lora, adapter, [], False, False)
-    assert lineage == [adapter]
+    lineage = StageOutcome("general", "done", str(adapter)).lineage_after("merge")
+    assert lineage == [str(adapter)]
+    model = build_stage_model(_base(base), "merge", recipe.lora, adapter, lineage, False, False)
     merged = PeftModel.from_pretrained(_base(base), str(adapter)).merge_and_unload()
     assert torch.allclose(_logits(model), _logits(merged), atol=1e-5)  # the new adapter starts at zero
     assert not torch.allclose(_logits(model), _logits(_base(base)), atol=1e-4)
@@ -59,8 +63,8 @@ def test_merge_starts_from_base_plus_adapter_with_a_fresh_adapter(stage1):
 
 def test_fresh_starts_from_the_base(stage1):
     recipe, adapter, base = stage1
-    model, lineage = build_stage_model(_base(base), "fresh", recipe.lora, adapter, [], False, False)
-    assert lineage == []
+    assert StageOutcome("general", "done", str(adapter)).lineage_after("fresh") == []
+    model = build_stage_model(_base(base), "fresh", recipe.lora, adapter, [], False, False)
     assert torch.allclose(_logits(model), _logits(_base(base)), atol=1e-6)
 
 
@@ -68,7 +72,7 @@ def test_stage_that_needs_an_unfinished_stage_is_refused(stage1):
     from runner.errors import TunebookError
 
     recipe, _, _ = stage1
-    fresh = load_recipe(recipe._path, ["name=other"])
+    fresh = load_recipe(recipe.path, ["name=other"])
     with pytest.raises(TunebookError, match="has not finished"):
         train_recipe(fresh, only_stage="vet", log=lambda m: None)
 

@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from runner.metrics import read_metrics
+from runner.train.metrics import read_metrics
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
+from runner.run_dir import RunDir
 from train_support import two_stage_recipe
 
 
@@ -17,7 +18,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-stage")
     recipe = load_recipe(two_stage_recipe(folder))
     outcomes = train_recipe(recipe, log=lambda m: None)
-    return recipe, recipe.run_dir(), outcomes
+    return recipe, RunDir.of(recipe).path, outcomes
 
 
 def test_both_stages_finish_and_continue_from_each_other(trained):
@@ -84,13 +85,13 @@ def test_changed_recipe_in_the_same_run_dir_is_refused(trained, tmp_path):
     recipe, _, _ = trained
     changed = recipe.model_copy(deep=True)
     changed.stages[0].train.learning_rate = 1e-3
-    changed._path = recipe._path
+    changed.read_from(recipe.path)
     with pytest.raises(TunebookError, match="different version"):
         train_recipe(changed, log=lambda m: None)
 
 
 def test_eval_of_the_run_matches_training_and_ignores_batch_size(trained):
-    from runner.evaluate import evaluate_target
+    from runner.measure.evaluate import evaluate_target
 
     recipe, run_dir, _ = trained
     last_vet = [r for r in read_metrics(run_dir / "vet" / "metrics.jsonl") if "eval_loss" in r][-1]
@@ -109,7 +110,7 @@ def test_eval_cli_json_on_an_adapter_with_a_data_file(trained):
 
     recipe, run_dir, _ = trained
     res = subprocess.run([sys.executable, "-m", "runner.cli", "eval", str(run_dir / "general" / "adapter"),
-                          "--data", str(recipe._path.parent / "vet.jsonl"), "--json"], cwd=ROOT, capture_output=True,
+                          "--data", str(recipe.base_dir / "vet.jsonl"), "--json"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -120,14 +121,14 @@ def test_eval_cli_json_on_an_adapter_with_a_data_file(trained):
 def test_compare_writes_the_table_and_valid_plots(trained, tmp_path):
     from PIL import Image
 
-    from eval.report import write_compare_report
+    from runner.measure.report import write_compare_report
 
     recipe, run_dir, _ = trained
-    other = load_recipe(recipe._path, ["name=two-b", "stages.0.train.learning_rate=1e-3"])
+    other = load_recipe(recipe.path, ["name=two-b", "stages.0.train.learning_rate=1e-3"])
     train_recipe(other, log=lambda m: None)
-    report = write_compare_report([run_dir, other.run_dir()], tmp_path)
+    report = write_compare_report([run_dir, RunDir.of(other).path], tmp_path)
     text = report.read_text()
-    for run in (run_dir, other.run_dir()):
+    for run in (run_dir, RunDir.of(other).path):
         for stage in ("general", "vet"):
             evals = [r for r in read_metrics(run / stage / "metrics.jsonl") if "eval_loss" in r]
             best = min(evals, key=lambda r: r["eval_loss"])

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runner.metrics import read_metrics
-from train_support import ROOT, chat_data, tiny_base, write_recipe
+from runner.train.metrics import read_metrics
+from train_support import ROOT, chat_data, tiny_base, two_stage_recipe, write_recipe
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -68,6 +68,39 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     eval2 = [r for r in rows2 if "eval_loss" in r][-1]
     assert eval2["eval_loss"] == pytest.approx(eval1["eval_loss"], rel=5e-3)
     assert rows2[-1]["tokens_seen"] == rows1[-1]["tokens_seen"]  # summed over both ranks
+
+
+def launch_two_ranks(recipe: Path, port: int) -> subprocess.CompletedProcess:
+    """README's two-rank command: `accelerate launch --config_file recipes/accelerate/cpu-2proc.yaml -m runner.cli train`."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", str(port), "-m", "runner.cli",
+         "train", str(recipe)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_ranks_run_a_two_stage_recipe_with_export_to_the_end(tmp_path):
+    """Every write has one owner process, and what runs after training (forgetting matrix, merge, GGUF, report)
+    does not wait on a process that left: the launch exits 0 with every artifact made once."""
+    recipe = two_stage_recipe(tmp_path, name="ranks")
+    recipe.write_text(recipe.read_text() + "export: {quantization: q8_0}\n")
+    done = launch_two_ranks(recipe, 29541)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run = tmp_path / "runs" / "ranks"
+    for stage in ("general", "vet"):
+        outcome = json.loads((run / stage / "stage.json").read_text())
+        assert outcome["status"] == "done" and outcome["world_size"] == 2
+        steps = [r["step"] for r in read_metrics(run / stage / "metrics.jsonl") if "loss" in r]
+        assert steps == sorted(set(steps)) and steps[-1] == outcome["steps"]  # one writer: no duplicate rows
+    matrix = json.loads((run / "forgetting.json").read_text())
+    assert matrix["rows"] == ["base", "general", "vet"]
+    assert (run / "ranks-q8_0.gguf").stat().st_size > 0 and (run / "report.md").is_file()
+    assert done.stderr.count("verified: q8_0") == 1  # exported once, by the main process
+    assert "Traceback" not in done.stderr
+
+    again = launch_two_ranks(recipe, 29542)  # a rerun: nothing left to do, still a clean exit
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "export is up to date" in again.stderr and "report is up to date" in again.stderr
 
 
 def _wait_for_checkpoint(folder: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from runner.metrics import read_metrics
+from runner.train.metrics import read_metrics
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
+from runner.run_dir import RunDir
 from train_support import chat_data, tiny_base, write_recipe
 
 
@@ -25,10 +26,10 @@ def test_qlora_trains_on_cpu_and_loss_goes_down(tmp_path):
         """))
     (outcome,) = train_recipe(recipe, log=lambda m: None)
     import bitsandbytes as bnb
-    from runner.model import load_base
+    from runner.model.load import load_base
 
     model = load_base(str(base), recipe.model, __import__("torch").float32)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # the base really is 4-bit
-    losses = [r["loss"] for r in read_metrics(recipe.run_dir() / "s" / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(RunDir.of(recipe).path / "s" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 25
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses  # observed ~0.85

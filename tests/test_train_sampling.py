@@ -8,9 +8,10 @@ import pytest
 from datasets import Dataset
 from transformers import Trainer
 
-from runner.data_pack import make_collator
+from runner.data.pack import make_collator
 from runner.recipe import load_recipe
-from runner.train import sft_config
+from runner.run_dir import StageDir
+from runner.train.hf_trainer import sft_config
 from tiny_models import make_tiny_llama, make_tokenizer
 from train_support import two_stage_recipe
 
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
 def _batches(setup, packing: bool):
     folder, recipe, model, tokenizer = setup
     stage = recipe.stages[0].model_copy(update={"train": recipe.stages[0].train.model_copy(update={"packing": packing})})
-    args = sft_config(recipe, stage, folder / ("packed" if packing else "plain"), autocast_bf16=False)
+    args = sft_config(recipe, stage, StageDir(folder / ("packed" if packing else "plain")), autocast_bf16=False)
     data = _examples(96)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(data), eval_dataset=Dataset.from_list(data[:4]),
                       data_collator=make_collator(tokenizer, packing=False, max_length=128), processing_class=tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from runner.data_formats import record_to_messages
+from runner.data.formats import record_to_messages
 from runner.recipe import FieldMap
 
 from conftest import ROOT

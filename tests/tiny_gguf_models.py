@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from runner.gguf_verify import DEFAULT_PROBE
-from runner.gguf_vocab import LLAMA3_SPLIT
+from runner.export.gguf_verify import DEFAULT_PROBE
+from runner.export.gguf_vocab import LLAMA3_SPLIT
 
 QUESTION = "Can my dog eat grapes?"
 REPLY = "No. Grapes can hurt a dog's kidneys."

@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from chat.templates import template_text
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|finetune_right_pad_id|>"]
@@ -44,7 +46,7 @@ Keep medicines, cleaning products and antifreeze out of reach: they can poison p
 
 
 def _template(name: str) -> str:
-    return (ROOT / "runner" / "templates" / f"{name}.jinja").read_text()
+    return template_text(name)
 
 
 def _train_tokenizer(special_tokens: list[str]) -> Tokenizer:
@@ -72,7 +74,7 @@ def make_tokenizer(out_dir: Path, template: str = "llama-3") -> PreTrainedTokeni
     """A byte-level BPE tokenizer with Llama-3 special tokens (plus the turn markers of `template`,
     e.g. <|im_start|>/<|im_end|> for chatml) and the project's `template`, saved in out_dir
     (tokenizer.json + tokenizer_config.json) and returned."""
-    from runner.templates import REQUIRED_TOKENS
+    from chat.templates import REQUIRED_TOKENS
 
     def build(folder: Path) -> None:
         extra = [t for t in REQUIRED_TOKENS.get(template, []) if t not in SPECIAL_TOKENS]

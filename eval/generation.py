@@ -1,0 +1,98 @@
+"""Generation checks of a GGUF as the chat serves it: held-out questions answered through chat/engine.py
+(the chat app's own engine, so the numbers are what a user of the chat meets), with whether each answer
+stopped at end-of-turn, first-token latency and generation speed."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+from eval.labels import IGNORE_INDEX
+
+QUESTIONS = 40
+MAX_TOKENS = 256
+
+
+def held_out_questions(val: list[dict], tokenizer, system_prompt: str | None, n: int = QUESTIONS) -> list[dict]:
+    """{"messages", "prompt_ids", "reference"} for the first user turn of up to n validation examples.
+
+    The question text is read back from the training tokens: the prompt (everything before the first trained
+    token) decoded, minus what the chat template writes around a user message."""
+    marker = "\x00QUESTION\x00"
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    frame = tokenizer.apply_chat_template(head + [{"role": "user", "content": marker}], tokenize=False,
+                                          add_generation_prompt=True)
+    prefix, suffix = frame.split(marker)
+    out = []
+    for ex in val:
+        labels = ex["labels"]
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+        if first is None:
+            continue
+        text = tokenizer.decode(ex["input_ids"][:first], skip_special_tokens=False)
+        if not (text.startswith(prefix) and text.endswith(suffix)):
+            continue  # a later turn, or a template this reading does not understand
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        out.append({"messages": head + [{"role": "user", "content": text[len(prefix):len(text) - len(suffix)]}],
+                    "prompt_ids": list(ex["input_ids"][:first]),
+                    "reference": tokenizer.decode(ex["input_ids"][first:end], skip_special_tokens=True).strip()})
+        if len(out) == n:
+            break
+    return out
+
+
+class _Tap:
+    """Stands in for the engine's llama.cpp model and remembers the tokens generation drew."""
+
+    def __init__(self, llm):
+        self._llm, self.drawn = llm, []
+
+    def generate(self, *args, **kwargs):
+        self.drawn = []
+        for token in self._llm.generate(*args, **kwargs):
+            self.drawn.append(token)
+            yield token
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+
+def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print) -> dict:
+    """Answer each question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn."""
+    from chat.engine import ChatEngine, Sampling
+
+    engine = ChatEngine(gguf, n_ctx=1024)
+    tap = engine.llm = _Tap(engine.llm)
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
+    rows = []
+    try:
+        for i, q in enumerate(questions):
+            prompt = engine.prepare(q["messages"], max_tokens)
+            start = time.perf_counter()
+            first, pieces = None, []
+            for piece in engine.stream(prompt, sampling):
+                first = first if first is not None else time.perf_counter() - start
+                pieces.append(piece)
+            seconds = time.perf_counter() - start
+            last = tap.drawn[-1] if tap.drawn else None
+            ended = last is not None and engine.is_end_token(last)
+            generated = len(tap.drawn) - (1 if ended else 0)
+            # the engine stops early only at end-of-turn (a token, or its text)
+            stopped = ended or generated < prompt.max_tokens
+            rows.append({"question": q["messages"][-1]["content"], "answer": "".join(pieces).strip(),
+                         "reference": q["reference"], "stopped": stopped, "tokens": generated,
+                         "first_token_s": round(first if first is not None else seconds, 3),
+                         "seconds": round(seconds, 3), "same_prompt_as_training": prompt.tokens == q["prompt_ids"]})
+            if (i + 1) % 10 == 0:
+                log(f"quality: answered {i + 1}/{len(questions)} held-out questions")
+    finally:
+        engine.close()
+    latencies = [r["first_token_s"] for r in rows]
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] - r["first_token_s"] for r in rows)
+    return {"questions": len(rows), "stopped": sum(r["stopped"] for r in rows),
+            "stop_rate": sum(r["stopped"] for r in rows) / len(rows) if rows else math.nan,
+            "max_tokens": max_tokens, "first_token_s_median": statistics.median(latencies) if rows else math.nan,
+            "first_token_s_max": max(latencies, default=math.nan),
+            "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+            "same_prompt_as_training": sum(r["same_prompt_as_training"] for r in rows), "answers": rows}

@@ -1,0 +1,34 @@
+"""`tunebook chat`: serve a run's exported GGUF in the Chainlit web chat, on loopback by default."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import TunebookError
+from ..run_dir import RunDir, newest_run_with_gguf
+
+
+def chat(
+    target: Annotated[Path | None, typer.Argument(help="Run directory or .gguf file (default: the newest run with a GGUF).",
+                                                  show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Start the web chat on the exported GGUF (CPU, llama-cpp-python), with the run's system prompt."""
+    from rich.console import Console
+
+    from chat.engine import ChatError, check_gguf
+    from chat.serve import serve
+
+    target = Path(target).expanduser() if target is not None else newest_run_with_gguf().path
+    if not target.exists():
+        raise TunebookError(f"no such run directory or GGUF file: {target}")
+    run = RunDir(target if target.is_dir() else target.parent)
+    try:
+        gguf = check_gguf(target if target.is_file() else run.find_gguf())
+        Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
+        serve(gguf, host=host, port=port, system_prompt=run.system_prompt())
+    except ChatError as exc:
+        raise TunebookError(str(exc)) from None

@@ -1,0 +1,38 @@
+"""`tunebook export` and `tunebook compare`: what happens to a run after training."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..run_dir import COMPARE_DIR
+from .options import err, out
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `tunebook train`.", show_default=False)],
+    quant: Annotated[str | None, typer.Option(help="q8_0 | f16 | f32 (default: the recipe's export.quantization).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip checking the GGUF against the merged model.")] = False,
+    full_verify: Annotated[bool, typer.Option("--full-verify", help="Also load the GGUF back with transformers and "
+                                              "compare logits (slow; ~4x the fp32 model in memory).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write the GGUF again even when it is up to date.")] = False,
+) -> None:
+    """Merge the final adapter into a full-precision base and write a verified GGUF with the chat template."""
+    from ..export.to_gguf import export_run
+
+    written = export_run(run, quant=quant, verify=False if no_verify else None,
+                         log=lambda m: err.print(m, highlight=False, markup=False),
+                         verify_level="full" if full_verify else "standard", force=force or full_verify)
+    err.print(f"[green]exported[/green] {written}\nchat with it: tunebook chat {run}", highlight=False)
+
+
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.md and the PNG plots.")] = COMPARE_DIR,
+) -> None:
+    """Write report.md (hyperparameters, lowest val loss, best perplexity, step of best, change between rows)
+    and PNG curves of validation loss and perplexity per run and overlaid."""
+    from ..measure.report import write_compare_report
+
+    out.print(f"wrote {write_compare_report(runs, out_dir)}", highlight=False)

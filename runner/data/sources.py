@@ -1,0 +1,313 @@
+"""Where a stage's records come from: local files and folders, data inside an installed Python package
+(`package:<module>`), or a hub dataset id.
+
+Each record keeps the place it came from (`file:line`) so every complaint can point at it. Broken
+input is handled here: a JSON array cut off mid-record keeps every complete record and says where it
+was cut; a malformed JSON Lines line stops the run naming file:line, or is counted and skipped with
+`on_bad_record: skip`.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import importlib.util
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import TunebookError
+
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+CHUNK_CHARS = 4 * 1024 * 1024
+
+
+@dataclass
+class Record:
+    row: dict
+    where: str  # "path:line" or "dataset row N": where a user can find it
+
+
+@dataclass
+class BadRecords:
+    """Records that cannot be used. `error` policy: the first one stops the run; `skip`: counted."""
+
+    policy: str = "error"
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        if self.policy == "error":
+            raise TunebookError(
+                f"{where}: {reason}\n    fix: correct that record, map its field names with data.fields, "
+                "or set data.on_bad_record: skip to count and skip bad records")
+        self.reasons[reason.split(" (")[0]] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+
+@dataclass
+class SourceData:
+    records: list[Record]
+    truncation: str | None = None  # set when a file ended mid-record
+
+
+@dataclass
+class Source:
+    """A resolved `data.source`: what to read and a cheap fingerprint of it (for the cache)."""
+
+    spec: str
+    kind: str                       # "files" | "hub"
+    files: list[Path] = field(default_factory=list)
+    display_root: Path | None = None  # file names are shown relative to this
+    subset: str | None = None
+    split: str = "train"
+    _hub: Any = None
+
+    def name(self, path: Path) -> str:
+        if self.display_root is not None:
+            try:
+                return str(path.relative_to(self.display_root))
+            except ValueError:
+                pass
+        return str(path)
+
+    def fingerprint(self) -> str:
+        if self.kind == "hub":
+            return f"hub:{self.spec}:{self.subset}:{self.split}:{self._load_hub()._fingerprint}"
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+    def read(self, bad: BadRecords) -> SourceData:
+        if self.kind == "hub":
+            ds = self._load_hub()
+            return SourceData([Record(dict(row), f"{self.spec} row {i}") for i, row in enumerate(ds)])
+        records: list[Record] = []
+        notices = []
+        for path in self.files:
+            got, notice = read_file(path, self.name(path), bad)
+            records += got
+            if notice:
+                notices.append(notice)
+        return SourceData(records, "; ".join(notices) or None)
+
+    def _load_hub(self):
+        if self._hub is None:
+            import datasets
+
+            try:
+                self._hub = datasets.load_dataset(self.spec, self.subset, split=self.split)
+            except Exception as exc:  # offline, unknown id, missing split: all user-fixable
+                raise TunebookError(
+                    f"could not load dataset '{self.spec}' from the hub: {type(exc).__name__}: {exc}\n"
+                    "    fix: check the id, subset and split; offline, download it and set data.source to the "
+                    "local .jsonl/.json/.parquet/.csv file or folder") from None
+        return self._hub
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in EXTENSIONS
+                  and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+
+
+def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, split: str = "train") -> Source:
+    """Resolve `data.source`. Local paths are tried relative to the current directory, then to the
+    recipe file's directory; a folder (or a `package:`) means every data file inside it, in name
+    order; anything else that looks like `owner/name` is a hub dataset id."""
+    if spec.startswith("package:"):
+        return _package_source(spec)
+    candidates = [Path(spec).expanduser()]
+    if recipe_dir is not None and not Path(spec).is_absolute():
+        candidates.append(recipe_dir / spec)
+    for path in candidates:
+        if path.is_file():
+            if path.suffix not in EXTENSIONS:
+                raise TunebookError(f"{path}: unsupported data file type '{path.suffix}'\n"
+                                    f"    fix: use one of {', '.join(EXTENSIONS)}")
+            return Source(spec, "files", [path])
+        if path.is_dir():
+            files = _data_files(path)
+            if not files:
+                raise TunebookError(f"{path}: folder has no data files\n"
+                                    f"    fix: put {', '.join(EXTENSIONS)} files in it, or point data.source at a file")
+            return Source(spec, "files", files, display_root=path.parent)
+    if Path(spec).suffix in EXTENSIONS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        tried = " and ".join(str(p.resolve()) for p in candidates)
+        raise TunebookError(f"data file not found: {spec} (tried {tried})\n"
+                            "    fix: check the path; relative paths are read from the current directory, "
+                            "then from the recipe's directory")
+    return Source(spec, "hub", subset=subset, split=split)
+
+
+def _package_source(spec: str) -> Source:
+    module = spec.removeprefix("package:").strip()
+    try:
+        found = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise TunebookError(f"{spec}: no installed Python package named '{module}'\n"
+                            f"    fix: pip install the package that provides it (e.g. `pip install {dist}`)")
+    root = Path(list(found.submodule_search_locations)[0])
+    files = _data_files(root)
+    if not files:
+        raise TunebookError(f"{spec}: package '{module}' has no {', '.join(EXTENSIONS)} data files in {root}\n"
+                            "    fix: point data.source at the data file itself")
+    return Source(spec, "files", files, display_root=root.parent)
+
+
+def read_file(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str | None]:
+    """All records of one file, and a truncation notice if it was cut off."""
+    if path.suffix == ".jsonl":
+        return list(read_jsonl(path, name, bad)), None
+    if path.suffix == ".json":
+        with path.open("rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            return read_json_array(path, name, bad)
+        return list(read_jsonl(path, name, bad)), None  # JSON Lines saved with a .json name
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [Record(row, f"{name} row {i}") for i, row in enumerate(rows)], None
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [Record(dict(row), f"{name}:{reader.line_num}") for row in reader], None
+    raise TunebookError(f"{name}: unsupported data file type '{path.suffix}'")
+
+
+def read_jsonl(path: Path, name: str, bad: BadRecords) -> Iterator[Record]:
+    """One JSON object per line; blank lines are allowed."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.add(f"{name}:{lineno}", f"not UTF-8 text ({exc.reason})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                bad.add(f"{name}:{lineno}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(row, dict):
+                bad.add(f"{name}:{lineno}", f"not a JSON object (a {type(row).__name__})")
+                continue
+            yield Record(row, f"{name}:{lineno}")
+
+
+def _cut_off(exc: json.JSONDecodeError, buf: str) -> bool:
+    """Whether a parse error at end of file means the file stops mid-record (not a bad record)."""
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(buf.rstrip()) - 16
+
+
+def read_json_array(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str | None]:
+    """Stream a top-level JSON array record by record, keeping every complete record of a cut-off file."""
+    reader = _ArrayReader(path)
+    records: list[Record] = []
+    complete = 0
+    if reader.next_char() != "[":
+        raise TunebookError(f"{name}: expected a JSON array ('[' first)")
+    reader.pos += 1
+    while True:
+        ch = reader.next_char()
+        if ch == "":
+            return records, _notice(name, complete, reader.line, "without its closing ']'")
+        if ch == "]":
+            return records, None
+        if complete:
+            if ch != ",":
+                raise TunebookError(f"{name}:{reader.line}: expected ',' or ']' after record {complete}")
+            reader.pos += 1
+            if reader.next_char() == "":
+                return records, _notice(name, complete, reader.line, "after a ','")
+        line = reader.line
+        try:
+            value = reader.decode()
+        except json.JSONDecodeError as exc:
+            if not _cut_off(exc, reader.buf):
+                raise TunebookError(f"{name}:{reader.line_at(exc.pos)}: not valid JSON ({exc.msg}) in record "
+                                    f"{complete + 1}\n    fix: repair the file") from None
+            return records, _notice(name, complete, line, "inside a record")
+        complete += 1
+        if isinstance(value, dict):
+            records.append(Record(value, f"{name}:{line}"))
+        else:
+            bad.add(f"{name}:{line}", f"record is not a JSON object (a {type(value).__name__})")
+
+
+def _notice(name: str, complete: int, line: int, how: str) -> str:
+    return (f"{name} is cut off {how} at line {line:,}: kept the {complete:,} complete records "
+            f"(truncated after record {complete})")
+
+
+class _ArrayReader:
+    """A growing text window over a file, with the line number of the read position."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("rb")
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof = "", 0, False
+        self._line, self._line_pos = 1, 0
+        self.decoder = json.JSONDecoder()
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.file.read(CHUNK_CHARS)
+        if not chunk:
+            self.eof = True
+            self.file.close()
+            return False
+        self._count_lines()  # up to pos, before the consumed text is dropped
+        try:
+            text = self.utf8.decode(chunk)
+        except UnicodeDecodeError as exc:
+            raise TunebookError(f"{self.file.name}: not UTF-8 text near line {self._line} ({exc.reason})") from None
+        self.buf = self.buf[self.pos:] + text
+        self._line_pos -= self.pos
+        self.pos = 0
+        return True
+
+    def _count_lines(self) -> None:
+        self._line += self.buf.count("\n", self._line_pos, self.pos)
+        self._line_pos = self.pos
+
+    @property
+    def line(self) -> int:
+        """1-based line number of the read position."""
+        self._count_lines()
+        return self._line
+
+    def line_at(self, pos: int) -> int:
+        return self.line + self.buf.count("\n", self.pos, pos)
+
+    def next_char(self) -> str:
+        """The next non-space character ('' at end of file), leaving pos on it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def decode(self) -> Any:
+        while True:
+            try:
+                value, self.pos = self.decoder.raw_decode(self.buf, self.pos)
+                return value
+            except json.JSONDecodeError:
+                if not self._more():
+                    raise

@@ -1,0 +1,63 @@
+"""The forgetting matrix of a multi-stage run: every stage's validation set scored with the base model
+and after every stage, so "stage 2 did not forget stage 1" is a number (eval/report.py renders it)."""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+
+from eval.perplexity import evaluate_torch
+
+from .. import atomic
+from ..model.load import load_base, resolve_dtype
+from ..recipe import Recipe
+from ..run_dir import RunDir, StageOutcome
+
+
+def stage_model(model_ref: str, recipe: Recipe, dtype, outcome: StageOutcome | None):
+    """The model as it stood after a stage (base + merged lineage + adapter); the base when None."""
+    from peft import PeftModel
+
+    model = load_base(model_ref, recipe.model, dtype)
+    if outcome is None:
+        return model
+    for adapter in outcome.lineage:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return PeftModel.from_pretrained(model, outcome.adapter)
+
+
+def samples_digest(samples: list[dict]) -> str:
+    """Identity of a tokenized validation set: its token ids and labels."""
+    text = json.dumps([[s["input_ids"], s["labels"]] for s in samples], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dict[str, list[dict]],
+                      pad_id: int | None, batch_size: int = 4, log=print) -> dict:
+    """{"stages": [...], "rows": ["base", ...], "ppl": {row: {stage: ppl}}, "loss": {...}}; saved as
+    forgetting.json, and made again only when a stage, a validation set or the base changed."""
+    dtype = resolve_dtype(recipe.model)
+    stages = [s.name for s in recipe.stages if val_sets.get(s.name)]
+    outcomes = {s.name: run.stage(s.name).outcome() for s in recipe.stages}
+    rows = ["base"] + [s.name for s in recipe.stages if outcomes[s.name] and outcomes[s.name].done]
+    inputs = {"base": recipe.model.base, "dtype": str(dtype), "pad_id": pad_id,
+              "after": {row: run.stage(row).identity() for row in rows[1:]},
+              "val": {stage: samples_digest(val_sets[stage]) for stage in stages}}
+    if run.fresh(run.forgetting_file, inputs):
+        log(f"forgetting matrix is up to date: {run.forgetting_file}")
+        return json.loads(run.forgetting_file.read_text())
+    result = {"stages": stages, "rows": rows, "ppl": {}, "loss": {}, "tokens": {}}
+    with run.making(run.forgetting_file, inputs):
+        for row in rows:
+            log(f"forgetting matrix: scoring {'the base model' if row == 'base' else 'after stage ' + row}")
+            model = stage_model(model_ref, recipe, dtype, None if row == "base" else outcomes[row])
+            result["ppl"][row], result["loss"][row] = {}, {}
+            for stage in stages:
+                scored = evaluate_torch(model, val_sets[stage], batch_size=batch_size, progress=False, pad_id=pad_id)
+                result["ppl"][row][stage] = scored.ppl
+                result["loss"][row][stage] = scored.loss
+                result["tokens"][stage] = scored.tokens
+            del model
+            gc.collect()
+        atomic.write_text(run.forgetting_file, json.dumps(result, indent=2) + "\n")
+    return result

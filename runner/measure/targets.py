@@ -1,0 +1,51 @@
+"""A recipe's own bar (`targets:` in the recipe), checked against what its run measured: the forgetting
+matrix, the quality checks and the wall time. Each target that is set becomes one row of report.md's
+"Targets" section: what it asks, what was measured, whether it is met."""
+from __future__ import annotations
+
+from ..recipe import TargetsConfig
+
+
+def check_targets(targets: TargetsConfig | None, forgetting: dict | None, quality: dict | None,
+                  wall_s: float | None) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for every target that is set and has a measurement."""
+    if targets is None:
+        return []
+    rows: list[tuple[str, str, bool]] = []
+    if forgetting and len(forgetting["rows"]) >= 3:
+        ppl, stages = forgetting["ppl"], forgetting["stages"]
+        first, last = stages[0], stages[-1]
+        before = forgetting["rows"][-2]
+        if targets.first_stage_beats_base:
+            base, after = ppl["base"][first], ppl[first][first]
+            rows.append((f"stage {first} lowers {first} val ppl below the base model's", f"{base:.3f} → {after:.3f}",
+                         after < base))
+        if targets.last_stage_gain is not None:
+            gain = (ppl[before][last] - ppl[last][last]) / ppl[before][last]
+            rows.append((f"stage {last} lowers {last} val ppl by ≥ {targets.last_stage_gain * 100:.0f}% vs after {before}",
+                         f"{ppl[before][last]:.3f} → {ppl[last][last]:.3f} ({-gain * 100:+.1f}%)",
+                         gain >= targets.last_stage_gain))
+        if targets.forgetting is not None:
+            for stage in stages[:-1]:
+                rise = (ppl[last][stage] - ppl[stage][stage]) / ppl[stage][stage]
+                rows.append((f"{stage} val ppl after {last} rises ≤ {targets.forgetting * 100:.0f}% over after {stage}",
+                             f"{ppl[stage][stage]:.3f} → {ppl[last][stage]:.3f} ({rise * 100:+.1f}%)",
+                             rise <= targets.forgetting))
+    if quality:
+        q, g = quality["quantization"], quality["generation"]
+        if targets.gguf_ppl_within is not None:
+            rows.append((f"GGUF ppl within {targets.gguf_ppl_within * 100:g}% of merged ({quality['stage']} val)",
+                         f"{q['gguf_ppl']:.4f} vs {q['merged_ppl']:.4f} ({q['relative'] * 100:+.2f}%)",
+                         abs(q["relative"]) <= targets.gguf_ppl_within))
+        if targets.stop_rate is not None:
+            rows.append((f"held-out answers stop at end-of-turn within {g['max_tokens']} tokens "
+                         f"(≥ {targets.stop_rate * 100:.0f}%)", f"{g['stopped']}/{g['questions']} "
+                         f"({g['stop_rate'] * 100:.1f}%)", g["stop_rate"] >= targets.stop_rate))
+        if targets.first_token_s is not None:
+            rows.append((f"first streamed token ≤ {targets.first_token_s:g} s (chat engine, this machine)",
+                         f"median {g['first_token_s_median']:.2f} s, max {g['first_token_s_max']:.2f} s",
+                         g["first_token_s_max"] <= targets.first_token_s))
+    if wall_s is not None and targets.wall_minutes is not None:
+        rows.append((f"whole run ≤ {targets.wall_minutes:g} min wall", f"{wall_s / 60:.1f} min",
+                     wall_s / 60 <= targets.wall_minutes))
+    return rows

@@ -1,0 +1,418 @@
+"""The recipe schema: what a recipe may say, its defaults, and the checks between fields.
+
+`load_recipe(path, overrides)` is the only way in: it reads the file and what it `extends`, applies
+`--set` overrides, fills defaults and validates. Anything wrong becomes one RecipeError that lists
+every problem with its file, line, column and fix. Key names follow axolotl where the meaning is the
+same (micro_batch_size, gradient_accumulation_steps, num_epochs, eval_steps, ...).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from ..errors import Problem, RecipeError
+from .source import KeyPath, Located, load_located, path_str
+
+
+class Strict(BaseModel):
+    """Every section forbids unknown keys: a typo is an error, never a silently ignored setting."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ModelConfig(Strict):
+    base: str = Field(description="hub id | local dir | file.gguf | package:<python module>")
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    chat_template: str | None = Field(None, description="None: the tokenizer's own; a named template; or a .jinja path")
+    max_seq_length: PositiveInt = 2048
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class LoraConfig(Strict):
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    # tokens whose embedding rows (and tied LM-head rows) are trained too, e.g. a base model's turn markers
+    trainable_tokens: list[str] = []
+
+
+class FieldMap(Strict):
+    """Column names for datasets that do not use the standard ones."""
+
+    conversations: str | None = None  # sharegpt: list of turns ("conversations")
+    messages: str | None = None       # messages: list of turns ("messages")
+    role: str | None = None           # turn role key ("from" / "role")
+    content: str | None = None        # turn text key ("value" / "content")
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    system: str | None = None
+
+
+class DataConfig(Strict):
+    source: str = Field(description="hub dataset id | local .jsonl/.json/.parquet/.csv file or folder | package:<module>")
+    format: Literal["auto", "sharegpt", "messages", "alpaca", "prompt_completion"] = "auto"
+    fields: FieldMap = FieldMap()
+    subset: str | None = None
+    split: str = "train"
+    val_size: float = 0.05
+    max_samples: PositiveInt | None = None
+    shuffle: bool = True
+    system_prompt: str | None = None
+    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    on_bad_record: Literal["error", "skip"] = "error"
+    truncation: Literal["truncate", "drop"] = "truncate"
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: float) -> float:
+        if v == 0 or 0 < v < 1 or (v >= 1 and float(v).is_integer()):
+            return v
+        raise ValueError("val_size must be a fraction in (0, 1), a whole count >= 1, or 0 for no validation set")
+
+
+# optimizer as a recipe names it -> transformers' `optim` (what the hf, axolotl and unsloth trainers are given)
+OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
+              "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+class TrainConfig(Strict):
+    max_steps: PositiveInt | None = None
+    num_epochs: Annotated[float, Field(gt=0)] | None = None
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    # for lora.trainable_tokens' rows (None: learning_rate); AdamW moves each element about this much a step
+    trainable_tokens_lr: Annotated[float, Field(gt=0)] | None = None
+    lr_scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    micro_batch_size: PositiveInt = 1
+    eval_batch_size: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt = 1
+    eval_steps: PositiveInt | None = None
+    save_steps: PositiveInt | None = None
+    logging_steps: PositiveInt = 10
+    packing: bool = False  # off: batches of similar length (length-grouped sampler) instead of packed rows
+    gradient_checkpointing: bool = False
+    bf16: Literal["auto"] | bool = "auto"
+    optimizer: Literal[tuple(OPTIMIZERS)] = "adamw_torch"  # type: ignore[valid-type]
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    keep: Literal["best", "last"] = "last"
+
+
+class StageConfig(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    init: Literal["continue", "merge", "fresh"] | None = Field(
+        None, description="None: fresh for the first stage, continue for the others")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+
+
+# GGUF types the export writes (runner/export/gguf_writer.py maps each to its tensor types)
+QUANTS = ("q8_0", "f16", "f32")
+
+
+class ExportConfig(Strict):
+    quantization: Literal[QUANTS] = "q8_0"  # type: ignore[valid-type]
+    verify: bool = True
+
+
+class TargetsConfig(Strict):
+    """The bar this recipe's run must reach; report.md checks every target that is set ("Targets")."""
+
+    first_stage_beats_base: bool = False  # the first stage lowers its own validation ppl below the base model's
+    last_stage_gain: Annotated[float, Field(gt=0, lt=1)] | None = None  # last stage's own val ppl falls >= this
+    forgetting: Annotated[float, Field(ge=0)] | None = None  # earlier stages' val ppl rises <= this after the last
+    gguf_ppl_within: Annotated[float, Field(gt=0)] | None = None  # the GGUF's ppl within this of the merged model's
+    stop_rate: Annotated[float, Field(gt=0, le=1)] | None = None  # held-out answers stopping at end-of-turn
+    first_token_s: Annotated[float, Field(gt=0)] | None = None  # first streamed token, seconds (chat engine)
+    wall_minutes: Annotated[float, Field(gt=0)] | None = None  # the command that trains every stage
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    backend: Literal["hf", "unsloth", "axolotl"] = "hf"
+    seed: int = 42
+    output_dir: str = "runs"
+    allow_cpu_fallback: bool = False
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    export: ExportConfig | None = None
+    targets: TargetsConfig | None = None
+
+    _path: Path | None = PrivateAttr(None)  # the recipe file; data paths may be relative to it
+
+    @property
+    def path(self) -> Path | None:
+        """The recipe file this was read from (None when built in code)."""
+        return self._path
+
+    def read_from(self, path: Path | str | None) -> "Recipe":
+        """Say which file this recipe was read from (relative paths in it are read from its folder)."""
+        self._path = Path(path) if path is not None else None
+        return self
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The recipe's folder: local data and model paths may be relative to it."""
+        return self._path.parent if self._path is not None else None
+
+    def anchored(self) -> "Recipe":
+        """A copy whose local data and model paths are absolute, so a copy of the recipe saved elsewhere (the
+        run directory's recipe.yaml, read later from another working directory) still finds them."""
+        copy = self.model_copy(deep=True)
+
+        def absolute(spec: str) -> str:
+            if spec.startswith("package:"):
+                return spec
+            for candidate in (Path(spec).expanduser(), self.base_dir / spec if self.base_dir else None):
+                if candidate is not None and candidate.exists():
+                    return str(candidate.resolve())
+            return spec
+
+        copy.model.base = absolute(copy.model.base)
+        for stage in copy.stages:
+            stage.data.source = absolute(stage.data.source)
+        return copy.read_from(self._path)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise RecipeError([Problem(None, "stages", f"no stage named {name!r}",
+                                   "use one of: " + ", ".join(s.name for s in self.stages))])
+
+
+# Names users bring from other tools (axolotl, TRL, HF) and what they are called here.
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules", "target": "target_modules", "dora": "use_dora", "rslora": "use_rslora",
+    "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "gradient_accumulation": "gradient_accumulation_steps",
+    "epochs": "num_epochs", "num_train_epochs": "num_epochs", "steps": "max_steps", "scheduler": "lr_scheduler",
+    "optim": "optimizer", "sequence_len": "max_seq_length", "max_length": "max_seq_length",
+    "base_model": "base", "model_name": "base", "path": "source", "dataset": "source", "type": "format",
+    "val_set_size": "val_size", "eval_size": "val_size", "template": "chat_template",
+    "sample_packing": "packing", "quant": "quantization", "quantize": "quantization",
+}
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "": Recipe, "model": ModelConfig, "lora": LoraConfig, "stages.*": StageConfig, "stages.*.data": DataConfig,
+    "stages.*.data.fields": FieldMap, "stages.*.train": TrainConfig, "export": ExportConfig, "targets": TargetsConfig,
+    "train": TrainConfig, "data": DataConfig, "data.fields": FieldMap,
+}
+
+
+def did_you_mean(word: str, choices: list[str]) -> str | None:
+    """The closest allowed name: a known synonym first, then spelling similarity."""
+    if SYNONYMS.get(word) in choices:
+        return SYNONYMS[word]
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    if match:
+        return lowered[match[0]]
+    prefixed = [c for c in choices if c.startswith(word) or word.startswith(c) and len(c) > 2]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
+def _section_of(path: KeyPath) -> type[BaseModel] | None:
+    pattern = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+    return SECTIONS.get(pattern)
+
+
+def _allowed_values(expected: str) -> list[str]:
+    return re.findall(r"'([^']*)'", expected)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problem_from_error(err: dict, located: Located) -> Problem:
+    """One pydantic error -> a Problem with location, a plain message and a fix."""
+    path: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"literal['all-linear']",
+                                                                                       "list[str]", "bool",
+                                                                                       "literal['auto']"}))
+    path = tuple(p for p in path if not (isinstance(p, str) and p.startswith(("constrained-", "function-"))))
+    origin = located.origin(path)
+    loc = located.locate(path)
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    shown = path_str(origin)
+    if kind == "extra_forbidden":
+        key = str(path[-1])
+        section = _section_of(origin[:-1])
+        choices = list(section.model_fields) if section else []
+        guess = did_you_mean(key, choices)
+        fix = f"did you mean '{guess}'?" if guess else ""
+        if choices:
+            fix += ("  " if fix else "") + f"(allowed here: {', '.join(choices)})"
+        where = path_str(origin[:-1]) or "the top level"
+        return Problem(loc, shown, f"unknown key '{key}' in {where}", fix.strip())
+    if kind == "missing":
+        return Problem(loc, shown, f"required key '{path[-1]}' is missing",
+                       f"add `{path[-1]}:` under {path_str(origin[:-1]) or 'the top level'}")
+    if kind in ("literal_error", "enum"):
+        allowed = _allowed_values(ctx.get("expected", ""))
+        guess = did_you_mean(str(value), allowed) if isinstance(value, str) else None
+        fix = (f"did you mean '{guess}'? " if guess else "") + "allowed values: " + ", ".join(allowed)
+        return Problem(loc, shown, f"{_describe(value)} is not an allowed value", fix)
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return Problem(loc, shown, f"{_describe(value)} is out of range", f"use a number {bounds[kind]} {limit}")
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return Problem(loc, shown, f"expected a whole number, got {_describe(value)}", "e.g. 16")
+    if kind in ("float_parsing", "float_type"):
+        return Problem(loc, shown, f"expected a number, got {_describe(value)}", "e.g. 2e-4 or 0.0002")
+    if kind in ("bool_parsing", "bool_type"):
+        return Problem(loc, shown, f"expected true or false, got {_describe(value)}", "use true or false")
+    if kind in ("string_type", "string_too_short", "string_pattern_mismatch"):
+        return Problem(loc, shown, f"expected a name (letters, digits, '-', '_', '.'), got {_describe(value)}",
+                       "e.g. my-run")
+    if kind in ("list_type", "too_short"):
+        return Problem(loc, shown, f"expected a non-empty list, got {_describe(value)}", "write it as a YAML list")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return Problem(loc, shown, f"expected a mapping of keys, got {_describe(value)}",
+                       "indent the keys below this one")
+    if kind == "value_error":
+        return Problem(loc, shown, str(ctx.get("error", err["msg"])), "")
+    return Problem(loc, shown, f"{err['msg']} (got {_describe(value)})", "")
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    """Union types report one error per alternative; keep one per path, the most useful first."""
+    seen: dict[str, Problem] = {}
+    for problem in problems:
+        seen.setdefault(problem.path, problem)
+    return list(seen.values())
+
+
+def _apply_stage_defaults(located: Located) -> None:
+    """Top-level `train:` and `data:` are defaults for every stage; a stage's own keys win."""
+    data = located.data
+    stages = data.get("stages")
+    for section in ("train", "data"):
+        defaults = data.pop(section, None)
+        if defaults is None:
+            continue
+        if not isinstance(defaults, dict):
+            raise RecipeError([Problem(located.locate((section,)), section,
+                                       f"`{section}` (defaults for every stage) must be a mapping", "")])
+        if not isinstance(stages, list):
+            continue
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                continue
+            own = stage.get(section) or {}
+            if not isinstance(own, dict):
+                continue
+            merged = dict(defaults)
+            merged.update(own)
+            stage[section] = merged
+            for key in defaults:
+                if key not in own:
+                    located.aliases[("stages", i, section, key)] = (section, key)
+
+
+def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
+    """Rules between fields that a type cannot say."""
+    problems: list[Problem] = []
+
+    def add(path: KeyPath, message: str, fix: str) -> None:
+        problems.append(Problem(located.locate(path), path_str(located.origin(path)), message, fix))
+
+    if recipe.model.load_in_4bit and recipe.model.load_in_8bit:
+        add(("model", "load_in_8bit"), "load_in_4bit and load_in_8bit are both true", "choose one of them")
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(recipe.stages):
+        t = stage.train
+        if (t.max_steps is None) == (t.num_epochs is None):
+            both = t.max_steps is not None
+            add(("stages", i, "train", "max_steps") if both else ("stages", i, "train"),
+                "both max_steps and num_epochs are set" if both else "neither max_steps nor num_epochs is set",
+                "keep exactly one of max_steps and num_epochs")
+        if t.eval_steps and t.max_steps and t.eval_steps > t.max_steps:
+            add(("stages", i, "train", "eval_steps"),
+                f"eval_steps {t.eval_steps} is larger than max_steps {t.max_steps}: it would never evaluate",
+                f"use eval_steps <= {t.max_steps}")
+        if t.eval_steps and stage.data.val_size == 0:
+            add(("stages", i, "train", "eval_steps"), "eval_steps is set but the stage has no validation set (val_size 0)",
+                "set data.val_size (e.g. 0.05) or remove eval_steps")
+        if t.warmup_steps and t.warmup_ratio:
+            add(("stages", i, "train", "warmup_ratio"), "both warmup_steps and warmup_ratio are set", "keep one of them")
+        if i == 0 and stage.init in ("continue", "merge"):
+            add(("stages", 0, "init"), f"the first stage cannot `{stage.init}`: there is no previous stage",
+                "use `init: fresh` or remove `init` from the first stage")
+        if stage.name in seen:
+            add(("stages", i, "name"), f"stage name '{stage.name}' is used twice (also stage {seen[stage.name]})",
+                "give every stage its own name")
+        seen.setdefault(stage.name, i)
+    return problems
+
+
+def validate(located: Located, default_name: str) -> Recipe:
+    """Merged data -> Recipe, or a RecipeError listing every problem."""
+    _apply_stage_defaults(located)
+    located.data.setdefault("name", default_name)
+    try:
+        recipe = Recipe.model_validate(located.data)
+    except ValidationError as exc:
+        problems = [_problem_from_error(e, located) for e in exc.errors(include_url=False)]
+        raise RecipeError(_dedupe(problems)) from None
+    problems = cross_checks(recipe, located)
+    if problems:
+        raise RecipeError(problems)
+    for i, stage in enumerate(recipe.stages):
+        if stage.init is None:
+            stage.init = "fresh" if i == 0 else "continue"
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge, override and validate a recipe file."""
+    path = Path(path)
+    located = load_located(path, overrides)
+    return validate(located, default_name=path.stem).read_from(path)
+
+
+def is_defaults_file(path: str | Path) -> bool:
+    """A file with no `stages` anywhere in its `extends` chain holds defaults for recipes to extend."""
+    return "stages" not in load_located(Path(path)).data
+
+
+def check_defaults_file(path: str | Path) -> None:
+    """A defaults file is a partial recipe: unknown keys and bad values are errors, missing keys are not."""
+    located = load_located(Path(path))
+    data = dict(located.data)
+    errors: list[dict] = []
+    for section, model in (("train", TrainConfig), ("data", DataConfig)):
+        if section in data:
+            try:
+                model.model_validate(data.pop(section))
+            except ValidationError as exc:
+                errors += [{**e, "loc": (section,) + tuple(e["loc"])} for e in exc.errors(include_url=False)]
+    try:
+        Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors += exc.errors(include_url=False)
+    errors = [e for e in errors if e["type"] != "missing"]
+    if errors:
+        raise RecipeError(_dedupe([_problem_from_error(e, located) for e in errors]))

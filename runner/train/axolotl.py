@@ -1,0 +1,584 @@
+"""backend: axolotl. Each stage of a recipe becomes an axolotl config; `axolotl train` runs it in its own
+environment (.venv-axolotl: axolotl pins transformers/peft/trl versions of its own), and what it logged
+comes back as the stage's metrics.jsonl, adapter/ and stage.json.
+
+Two ways to give axolotl a stage's data:
+- `tunebook export-config` (for people who run axolotl themselves) points axolotl at the source: a hub
+  dataset id or an absolute local path, `type: chat_template`, the field mappings of the recipe's format.
+  What axolotl cannot read that way (a `package:` source, alpaca or prompt/completion records, a system
+  prompt, training on the last reply only) is an error that names the fix: `--data-dir`.
+- With a data folder (`--data-dir`, and always when tunebook runs axolotl itself), tunebook writes the
+  stage's conversations exactly as it reads them (format, system prompt, shuffle, max_samples) as JSON
+  Lines, split into train.jsonl and val.jsonl with the same split as the hf backend, so both backends
+  train and validate on the same conversations.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from chat.templates import END_OF_TURN, template_names, template_text
+
+from .. import atomic
+from ..errors import TunebookError
+from ..recipe import OPTIMIZERS, Recipe, StageConfig
+from ..run_dir import RunDir, StageOutcome
+from .protocol import StageJob
+from .checkpoints import step_of
+from .external import check_single_process, env_tool, failed, merged_base, run_logged
+from .metrics import FIELDS, MetricsLog
+
+GPU_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+DTYPES = {"bfloat16": {"bf16": True, "fp16": False}, "float16": {"bf16": False, "fp16": True},
+          "float32": {"bf16": False, "fp16": False}}
+DS_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TRAINING_FLAG = "training"  # per-turn key in the files tunebook writes (train_on: last_assistant)
+
+
+@dataclass
+class StageFiles:
+    """A stage's conversations written for axolotl: {"messages": [{"role", "content"(, "training")}]} per line.
+    With `val`, train/val are tunebook's own split; without, axolotl splits `train` by `val_set_size`."""
+
+    train: Path
+    val: Path | None = None
+    val_set_size: float = 0.0
+    per_turn_flags: bool = False  # turns carry TRAINING_FLAG (train_on: last_assistant)
+    rows: int = 0                 # conversations in train (+ val)
+
+
+class Unexpressible(TunebookError):
+    """A stage's data an axolotl config cannot read from its source (tunebook writes it out instead)."""
+
+
+def axolotl_exe() -> Path:
+    return env_tool("TUNEBOOK_AXOLOTL", ".venv-axolotl", "axolotl", "env-axolotl")
+
+
+def axolotl_python() -> Path:
+    """The Python of the axolotl environment (beside its `axolotl` executable)."""
+    python = axolotl_exe().parent / "python"
+    if not python.exists():
+        raise TunebookError(f"no python beside {axolotl_exe()}\n    fix: run `make env-axolotl`")
+    return python
+
+
+# ---------------------------------------------------------------------------------------------- translation
+
+def _local_path(spec: str, base_dir: Path | None) -> Path | None:
+    for candidate in (Path(spec).expanduser(), base_dir / spec if base_dir else None):
+        if candidate is not None and candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _unsupported(stage: StageConfig, what: str) -> Unexpressible:
+    return Unexpressible(
+        f"stage {stage.name}: {what}, which an axolotl config cannot express when axolotl reads the source itself\n"
+        "    fix: tunebook writes the stage's conversations (as it reads them) as JSON Lines and points the config "
+        "at them: `tunebook export-config` does it on its own, --data-dir DIR chooses where")
+
+
+def template_keys(recipe: Recipe) -> dict:
+    """chat_template (+ chat_template_jinja, eot_tokens): the same template text the hf backend trains with."""
+    name = recipe.model.chat_template
+    if name is None:
+        return {"chat_template": "tokenizer_default"}
+    if name in template_names():
+        keys = {"chat_template": "jinja", "chat_template_jinja": template_text(name)}
+        if name in END_OF_TURN:
+            keys["eot_tokens"] = [END_OF_TURN[name]]
+        return keys
+    path = _local_path(name, recipe.base_dir)
+    if path is None or not path.is_file():
+        raise TunebookError(f"model.chat_template: file not found: {name}\n"
+                            f"    fix: check the path, or use a named template: {', '.join(template_names())}")
+    return {"chat_template": "jinja", "chat_template_jinja": path.read_text()}
+
+
+def _train_on_keys(train_on: str) -> dict:
+    if train_on == "all":
+        return {"roles_to_train": ["system", "user", "assistant"], "train_on_eos": "all", "train_on_eot": "all"}
+    return {"roles_to_train": ["assistant"], "train_on_eos": "turn", "train_on_eot": "turn"}
+
+
+def _detect_local_format(stage: StageConfig, path: Path | None) -> str:
+    from ..data.formats import detect_format
+    from ..data.sources import BadRecords, open_source
+
+    if path is None:
+        raise _unsupported(stage, "data.format is auto and the source is not a local file to look at")
+    rows = [r.row for r in open_source(str(path), None).read(BadRecords("skip")).records[:50]]
+    return detect_format(rows, stage.data.fields)[0]
+
+
+def source_dataset(recipe: Recipe, stage: StageConfig) -> tuple[dict, float]:
+    """(axolotl dataset entry reading the stage's source itself, val_set_size)."""
+    cfg = stage.data
+    if cfg.source.startswith("package:"):
+        raise _unsupported(stage, f"data.source is {cfg.source} (data inside a Python package)")
+    local = _local_path(cfg.source, recipe.base_dir)
+    fmt = cfg.format if cfg.format != "auto" else _detect_local_format(stage, local)
+    if fmt not in ("sharegpt", "messages"):
+        raise _unsupported(stage, f"data.format is {fmt} (axolotl's own {fmt} prompt format is not a chat template)")
+    if cfg.system_prompt:
+        raise _unsupported(stage, "data.system_prompt is set (axolotl has no per-dataset system prompt)")
+    if cfg.train_on == "last_assistant":
+        raise _unsupported(stage, "data.train_on is last_assistant")
+    if cfg.val_size == 1:
+        raise _unsupported(stage, "data.val_size is 1 (one sample; axolotl reads val_set_size 1 as 100%)")
+    if cfg.max_samples:
+        raise _unsupported(stage, f"data.max_samples is {cfg.max_samples} (axolotl has no row limit per dataset)")
+    f = cfg.fields
+    sharegpt = fmt == "sharegpt"
+    entry: dict = {"path": str(local) if local else cfg.source}
+    if local is not None and local.is_file():
+        entry["ds_type"] = DS_TYPES.get(local.suffix, "json")
+    if cfg.subset:
+        entry["name"] = cfg.subset
+    entry["split"] = cfg.split
+    entry.update({
+        "type": "chat_template",
+        "field_messages": (f.conversations if sharegpt else f.messages) or ("conversations" if sharegpt else "messages"),
+        "message_property_mappings": {"role": f.role or ("from" if sharegpt else "role"),
+                                      "content": f.content or ("value" if sharegpt else "content")},
+        **_train_on_keys(cfg.train_on),
+    })
+    return entry, float(cfg.val_size)
+
+
+def files_dataset(files: Path, stage: StageConfig, per_turn_flags: bool) -> dict:
+    entry = {"path": str(files), "ds_type": "json", "split": "train", "type": "chat_template",
+             "field_messages": "messages", "message_property_mappings": {"role": "role", "content": "content"},
+             **_train_on_keys(stage.data.train_on)}
+    if per_turn_flags:
+        entry["message_field_training"] = TRAINING_FLAG
+    return entry
+
+
+def stage_output_dir(recipe: Recipe, stage: StageConfig) -> Path:
+    """Where an exported config makes axolotl write a stage (its final adapter lands in this folder)."""
+    return RunDir.of(recipe).stage(stage.name).work("axolotl") / "output"
+
+
+def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | None = None,
+                   base_model: str | None = None, lora_model_dir: str | None = None,
+                   output_dir: Path | None = None, cpu: bool = False) -> dict:
+    """One stage of a recipe as an axolotl config (a dict ready for YAML).
+
+    files: the stage's conversations written by tunebook (else the config reads data.source itself).
+    base_model / lora_model_dir / output_dir: what a tunebook run uses; an export derives them from the recipe.
+    cpu: GPU-only LoRA kernels off."""
+    model, lora, t = recipe.model, recipe.lora, stage.train
+    i = recipe.stages.index(stage)
+    if base_model is None:
+        if model.base.startswith("package:") or model.base.endswith(".gguf"):
+            raise TunebookError(f"model.base {model.base}: axolotl loads hub ids and model folders only\n"
+                                "    fix: set model.base to a folder saved with save_pretrained, or a hub id")
+        local = _local_path(model.base, recipe.base_dir)
+        base_model = str(local) if local else model.base
+    if lora_model_dir is None and i > 0 and stage.init == "continue":
+        lora_model_dir = str(stage_output_dir(recipe, recipe.stages[i - 1]))
+    output_dir = output_dir or stage_output_dir(recipe, stage)
+
+    cfg: dict = {"base_model": base_model}
+    if model.revision:
+        cfg["revision_of_model"] = model.revision
+    if model.trust_remote_code:
+        cfg["trust_remote_code"] = True
+    cfg["adapter"] = "qlora" if model.load_in_4bit else "lora"
+    if model.load_in_4bit:
+        cfg["load_in_4bit"] = True
+    if model.load_in_8bit:
+        cfg["load_in_8bit"] = True
+    if lora_model_dir:
+        cfg["lora_model_dir"] = lora_model_dir
+    cfg.update({"lora_r": lora.r, "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
+                "lora_dropout": lora.dropout})
+    if lora.target_modules == "all-linear":
+        cfg["lora_target_linear"] = True
+    else:
+        cfg["lora_target_modules"] = list(lora.target_modules)
+    if lora.use_dora:
+        cfg["peft_use_dora"] = True
+    if lora.use_rslora:
+        cfg["peft_use_rslora"] = True
+
+    cfg.update(template_keys(recipe))
+    if files is not None:
+        cfg["datasets"] = [files_dataset(files.train, stage, files.per_turn_flags)]
+        if files.val is not None:
+            cfg["test_datasets"] = [files_dataset(files.val, stage, files.per_turn_flags)]
+        cfg["val_set_size"] = 0.0 if files.val is not None else files.val_set_size
+    else:
+        entry, val = source_dataset(recipe, stage)
+        cfg["datasets"] = [entry]
+        cfg["val_set_size"] = val
+    cfg["shuffle_merged_datasets"] = stage.data.shuffle
+    cfg["sequence_len"] = model.max_seq_length
+    cfg["excess_length_strategy"] = stage.data.truncation
+    cfg["sample_packing"] = t.packing
+    if t.packing:
+        cfg["eval_sample_packing"] = False
+
+    if t.max_steps is not None:
+        cfg["max_steps"] = t.max_steps
+    else:
+        cfg["num_epochs"] = t.num_epochs
+    cfg.update({"micro_batch_size": t.micro_batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps})
+    if t.eval_batch_size:
+        cfg["eval_batch_size"] = t.eval_batch_size
+    cfg.update({"learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler, "optimizer": OPTIMIZERS[t.optimizer],
+                "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm})
+    if t.warmup_ratio:
+        cfg["warmup_ratio"] = t.warmup_ratio
+    else:
+        cfg["warmup_steps"] = t.warmup_steps
+    if t.eval_steps:
+        cfg["eval_steps"] = t.eval_steps
+    save_steps = t.save_steps
+    if t.keep == "best" and t.eval_steps:
+        # the best evaluated adapter is the one kept: save at every evaluation, load the best at the end
+        if not save_steps or save_steps % t.eval_steps:
+            save_steps = t.eval_steps
+        cfg.update({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False})
+    if save_steps:
+        cfg["save_steps"] = save_steps
+    cfg["save_total_limit"] = 2
+    cfg["logging_steps"] = t.logging_steps
+    if t.gradient_checkpointing:
+        cfg["gradient_checkpointing"] = True
+
+    if t.bf16 == "auto":
+        cfg.update(DTYPES.get(model.dtype, {"bf16": "auto"}))
+    else:
+        cfg.update({"bf16": bool(t.bf16), "fp16": False})
+    cfg["seed"] = recipe.seed
+    cfg["output_dir"] = str(output_dir)
+    cfg["dataset_prepared_path"] = str(Path(output_dir).parent / "prepared")
+    if cpu:
+        cfg.update({k: False for k in GPU_KERNELS})
+    return cfg
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def config_yaml(cfg: dict, header: str = "") -> str:
+    """The config as YAML (multi-line strings as readable blocks), with `header` as leading comments."""
+    comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in header.splitlines())
+    return comment + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+def stage_conversations(recipe: Recipe, stage: StageConfig, tokenizer=None) -> tuple[list, list]:
+    """A stage's conversations as runner/data/prepare.py reads them (format, system prompt, shuffle,
+    max_samples). With a tokenizer: (train, val) exactly as prepare_stage chooses its samples (same length
+    policy, same split). Without: (all, []), left for axolotl to cut and split."""
+    from ..data.prepare import read_conversations
+    from ..data.report import DataReport
+    from ..data.sources import BadRecords, open_source
+    from ..data.split import shuffled, split_indices
+    from ..data.templates import resolve_chat_template
+    from ..data.tokenize import tokenize_conversations
+
+    cfg = stage.data
+    base = recipe.base_dir
+    source = open_source(cfg.source, base, subset=cfg.subset, split=cfg.split)
+    bad = BadRecords(cfg.on_bad_record)
+    conversations = read_conversations(source.read(bad).records, cfg, DataReport(), bad, lambda m: None)
+    if cfg.shuffle:
+        conversations = shuffled(conversations, recipe.seed)
+    if cfg.max_samples:
+        conversations = conversations[:cfg.max_samples]
+    if tokenizer is None:
+        return conversations, []
+    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=base)
+    kept = []  # the samples prepare_stage keeps: not dropped as too long, at least one trained token
+    for conv in conversations:
+        result = tokenize_conversations([conv], template, tokenizer, train_on=cfg.train_on,
+                                        max_length=recipe.model.max_seq_length, truncation=cfg.truncation)
+        if result.examples:
+            kept.append(conv)
+    if not kept:
+        raise TunebookError(f"stage {stage.name}: no sample has a token to train on\n"
+                            "    fix: run `tunebook data RECIPE` to see why")
+    train_idx, val_idx = split_indices(len(kept), cfg.val_size, recipe.seed)
+    return [kept[i] for i in train_idx], [kept[i] for i in val_idx]
+
+
+def _flagged(conv: list[dict]) -> list[dict]:
+    """train_on: last_assistant as per-turn flags: only the last assistant turn is trained."""
+    last = max(i for i, turn in enumerate(conv) if turn["role"] == "assistant")
+    return [{**turn, TRAINING_FLAG: i == last} for i, turn in enumerate(conv)]
+
+
+def write_stage_files(recipe: Recipe, stage: StageConfig, folder: Path, tokenizer=None, log=print) -> StageFiles:
+    """The stage's conversations as JSON Lines in `folder` (written atomically): train.jsonl and val.jsonl
+    split as the hf backend splits them when a tokenizer is given, else one <stage>.jsonl for axolotl to split."""
+    train, val = stage_conversations(recipe, stage, tokenizer)
+    flags = stage.data.train_on == "last_assistant"
+
+    def lines(convs):
+        return "".join(json.dumps({"messages": _flagged(c) if flags else c}, ensure_ascii=False) + "\n" for c in convs)
+
+    folder = Path(folder).resolve()
+    if tokenizer is None:
+        path = folder / f"{stage.name}.jsonl"
+        atomic.write_text(path, lines(train))
+        size = stage.data.val_size
+        log(f"stage {stage.name}: {len(train):,} conversations written to {path}")
+        return StageFiles(path, None, 1 / len(train) if size == 1 and train else size, flags, len(train))
+    atomic.write_text(folder / "train.jsonl", lines(train))
+    if val:
+        atomic.write_text(folder / "val.jsonl", lines(val))
+    log(f"stage {stage.name}: {len(train):,} training and {len(val):,} validation conversations written to {folder}")
+    return StageFiles(folder / "train.jsonl", folder / "val.jsonl" if val else None, 0.0, flags, len(train) + len(val))
+
+
+def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path | None = None,
+                   log=print) -> dict[str, str]:
+    """`tunebook export-config --to axolotl`: {stage name: config YAML} for one stage or all of them.
+
+    A stage whose data axolotl can read itself points at its source; otherwise (or for every stage with
+    data_dir) its conversations are written as JSON Lines (to data_dir, default the run directory) first."""
+    stages = [recipe.stage(stage_name)] if stage_name else recipe.stages
+    for stage in stages:
+        i = recipe.stages.index(stage)
+        if any(s.init == "merge" for s in recipe.stages[1:i + 1]):
+            raise TunebookError(
+                f"stage {stage.name} starts from a base with an earlier adapter merged in (init: merge), which an "
+                "axolotl config cannot say\n    fix: train the earlier stage, merge it (`axolotl merge-lora` or "
+                "`tunebook export`), set model.base to the merged folder and use init: fresh; or run the recipe with "
+                "`tunebook train` and backend: axolotl, which merges for you")
+    if recipe.model.base.endswith(".gguf"):
+        raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
+                            "    fix: set model.base to a folder saved with save_pretrained, or a hub id")
+    base_model = None
+    if recipe.model.base.startswith("package:"):
+        from ..model.load import model_source
+
+        log(f"model.base is {recipe.model.base}: using its converted model folder (converted once, then cached)")
+        base_model = model_source(recipe.model, recipe.base_dir, log)
+    out = {}
+    for stage in stages:
+        files = None
+        if data_dir is None:
+            try:
+                source_dataset(recipe, stage)
+            except Unexpressible as why:
+                log(str(why).split("\n")[0] + ": writing its conversations as JSON Lines")
+                files = write_stage_files(recipe, stage, stage_output_dir(recipe, stage).parent / "data", log=log)
+        else:
+            files = write_stage_files(recipe, stage, Path(data_dir) / stage.name, log=log)
+        cfg = axolotl_config(recipe, stage, files=files, base_model=base_model)
+        i = recipe.stages.index(stage)
+        header = [f"axolotl config for stage '{stage.name}' ({i + 1} of {len(recipe.stages)}) of tunebook recipe "
+                  f"'{recipe.name}'", "written by `tunebook export-config --to axolotl`; run: axolotl train FILE"]
+        if cfg.get("lora_model_dir"):
+            header.append(f"lora_model_dir is stage '{recipe.stages[i - 1].name}''s output_dir: train that one first")
+        out[stage.name] = config_yaml(cfg, "\n".join(header))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+VALIDATE = """
+import json, sys, yaml
+from pydantic import ValidationError
+from axolotl.utils.config import validate_config
+from axolotl.utils.dict import DictDefault
+for path in sys.argv[1:]:
+    with open(path, encoding="utf-8") as f:
+        cfg = DictDefault(yaml.safe_load(f))
+    try:
+        validated = validate_config(cfg)
+    except (ValidationError, ValueError) as exc:
+        print("INVALID " + json.dumps([path, str(exc)]), flush=True)
+        sys.exit(3)
+    print("VALID " + json.dumps(dict(validated), default=str), flush=True)
+"""
+
+
+def validate(*config_paths: Path, timeout: int = 300) -> list[dict]:
+    """Check config files with axolotl's own `validate_config` (axolotl.utils.config), run in the axolotl
+    environment (one process for all). Returns the validated configs (axolotl's defaults filled in); raises
+    TunebookError with axolotl's message for the first invalid one."""
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1"}
+    res = subprocess.run([str(axolotl_python()), "-c", VALIDATE, *map(str, config_paths)], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("VALID ", "INVALID "))]
+    valid = [json.loads(line[len("VALID "):]) for line in lines if line.startswith("VALID ")]
+    if res.returncode == 0 and len(valid) == len(config_paths):
+        return valid
+    if lines and lines[-1].startswith("INVALID "):
+        path, message = json.loads(lines[-1][len("INVALID "):])
+    else:
+        path, message = config_paths[len(valid)], (res.stderr or res.stdout)[-3000:]
+    raise TunebookError(f"axolotl's validate_config rejects {path}:\n{message}\n"
+                        "    fix: this is a gap in tunebook's translation; please report it with the recipe")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+METRIC_LINE = re.compile(r"\{'(loss|eval_loss)':")
+
+
+def metrics_rows(log_history: list[dict], seconds: dict[str, list[float]] | None = None) -> list[dict]:
+    """axolotl's trainer log_history -> metrics.jsonl rows (runner/metrics.FIELDS).
+
+    The evaluation axolotl always runs before the first step (step 0) is left out: the hf backend has none,
+    and a stage's best row must be an adapter this stage trained. `seconds` holds the wall-clock time at
+    which each train/eval line was printed, in order; rows logged by an earlier (resumed) process get none."""
+    seconds = seconds or {}
+    when: dict[int, float] = {}
+    for kind, key in (("train", "loss"), ("eval", "eval_loss")):
+        entries = [e for e in log_history if key in e]
+        times = seconds.get(kind, [])[-len(entries):] if entries else []
+        for entry, t in zip(entries[len(entries) - len(times):], times):  # the newest rows are this process's
+            when[id(entry)] = t
+    rows, tokens = [], None
+    for entry in log_history:
+        if "tokens/trainable" in entry:
+            tokens = int(entry["tokens/trainable"])
+        if "loss" in entry:
+            row = {"step": entry.get("step"), "epoch": entry.get("epoch"), "loss": entry["loss"],
+                   "learning_rate": entry.get("learning_rate"), "grad_norm": entry.get("grad_norm")}
+        elif "eval_loss" in entry and entry.get("step", 0) > 0:
+            loss = entry["eval_loss"]
+            row = {"step": entry["step"], "epoch": entry.get("epoch"), "eval_loss": loss,
+                   "eval_ppl": math.exp(loss) if loss < 700 else math.inf}
+        else:
+            continue
+        if tokens is not None:
+            row["tokens_seen"] = tokens
+        if id(entry) in when:
+            row["seconds"] = round(when[id(entry)], 3)
+        rows.append({k: row[k] for k in FIELDS if row.get(k) is not None})
+    return rows
+
+
+def read_trainer_state(output_dir: Path) -> dict:
+    """trainer_state.json of the newest checkpoint (the trainer saves one at the last step)."""
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=step_of)
+    for checkpoint in reversed(checkpoints):
+        path = checkpoint / "trainer_state.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise TunebookError(f"axolotl finished but left no trainer_state.json under {output_dir}\n"
+                        "    fix: check the axolotl log beside it (axolotl.log)")
+
+
+ADAPTER_SKIP = {"config.json", "debug.log", "README.md", "training_args.bin"}
+
+
+def _copy_adapter(output_dir: Path, adapter_dir: Path) -> None:
+    if not (output_dir / "adapter_config.json").is_file():
+        raise TunebookError(f"axolotl finished but saved no adapter in {output_dir}\n"
+                            "    fix: check the axolotl log beside it (axolotl.log)")
+    with atomic.atomic_dir(adapter_dir) as tmp:
+        for item in output_dir.iterdir():
+            if item.is_file() and item.name not in ADAPTER_SKIP:
+                shutil.copy2(item, tmp / item.name)
+
+
+def _run_axolotl(config_path: Path, log_path: Path, stage: str, log) -> tuple[int, dict[str, list[float]]]:
+    """`axolotl train CONFIG --launcher python`, its output kept in log_path; train/eval log lines are passed
+    on to `log`. Returns (exit status, wall-clock seconds of each printed train/eval line since training began)."""
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(axolotl_exe()), "train", str(config_path), "--launcher", "python"]
+    seconds: dict[str, list[float]] = {"train": [], "eval": []}
+    start = [time.perf_counter()]
+
+    def on_line(line: str) -> None:
+        if "Starting trainer" in line:
+            start[0] = time.perf_counter()
+        found = METRIC_LINE.search(line)
+        if found:
+            seconds["train" if found.group(1) == "loss" else "eval"].append(time.perf_counter() - start[0])
+            log("axolotl: " + line[found.start():].strip())
+        elif "[ERROR]" in line or line.startswith(("Traceback", "RuntimeError", "ValueError")):
+            log("axolotl: " + line.rstrip())
+
+    return run_logged(cmd, env, log_path, on_line, stage), seconds
+
+
+class AxolotlBackend:
+    name = "axolotl"
+
+    def check(self, recipe: Recipe) -> None:
+        check_single_process(self.name)
+        axolotl_exe()  # the environment exists (else: run `make env-axolotl`)
+        if recipe.model.base.endswith(".gguf"):
+            raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
+                                "    fix: use a model folder or hub id (a package: base is converted for it), "
+                                "or backend: hf")
+
+    def run_stage(self, job: StageJob) -> StageOutcome:
+        import torch
+
+        recipe, stage, stage_dir, previous, tokenizer, log = job.recipe, job.stage, job.dir, job.previous, \
+            job.tokenizer, job.log
+        work = stage_dir.work(self.name)
+        work.mkdir(parents=True, exist_ok=True)
+        i = recipe.stages.index(stage)
+        lineage = job.lineage
+        base = merged_base(job.model_ref, recipe, lineage, work / "merged-base", log) if lineage else job.model_ref
+        files = write_stage_files(recipe, stage, work / "data", tokenizer, log)
+        cfg = axolotl_config(recipe, stage, files=files, base_model=base,
+                             lora_model_dir=previous.adapter if stage.init == "continue" and previous else None,
+                             output_dir=(work / "output").resolve(), cpu=not torch.cuda.is_available())
+        cfg["auto_resume_from_checkpoints"] = True  # a rerun after an interruption resumes
+        if not stage.train.save_steps and not cfg.get("save_steps"):
+            cfg["save_steps"] = stage.train.max_steps or 10**9  # one checkpoint at the end: its trainer_state.json
+        if files.rows < 10_000:
+            cfg["dataset_num_proc"] = 1  # worker processes cost more than they save on small data (~5 s a dataset)
+        if tokenizer.pad_token:
+            cfg["special_tokens"] = {"pad_token": tokenizer.pad_token}
+        config_path = work / "config.yaml"
+        atomic.write_text(config_path, config_yaml(cfg, f"stage {stage.name} of recipe {recipe.name} "
+                                                        f"(stage {i + 1} of {len(recipe.stages)}), run by tunebook"))
+        log(f"stage {stage.name}: axolotl train {config_path} --launcher python (log: {work / 'axolotl.log'})")
+        code, seconds = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
+        if code != 0:
+            raise failed("axolotl", code, stage.name, work / "axolotl.log")
+        state = read_trainer_state(work / "output")
+        rows = metrics_rows(state["log_history"], seconds)
+        metrics = MetricsLog(stage_dir.metrics)
+        metrics.trim(-1)
+        for row in rows:
+            metrics.append(row)
+        _copy_adapter(work / "output", stage_dir.adapter)
+        evals = [r for r in rows if "eval_loss" in r]
+        best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
+        outcome = StageOutcome(stage.name, "done", str(stage_dir.adapter.resolve()), lineage,
+                               int(state.get("global_step", 0)), best["step"] if best else None,
+                               best["eval_loss"] if best else None, best["eval_ppl"] if best else None,
+                               kept=stage.train.keep, seconds=float(metrics.last("seconds")), world_size=1)
+        stage_dir.save_outcome(outcome)
+        log(f"stage {stage.name}: axolotl done in {outcome.steps} steps"
+            + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if best else "")
+            + f"; adapter in {outcome.adapter}")
+        return outcome
+
+
+BACKEND = AxolotlBackend()
