@@ -233,7 +233,7 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
         trainer.report.base_seconds = float(metrics.last("seconds"))
         if shards_parameters() == "fsdp" and not trainer.is_fsdp_enabled and main:
             log(f"stage {stage.name}: accelerate shards with FSDP on GPUs only; on the CPU this launch is data "
-                "parallel (every process holds the whole model), with the same results")
+                "parallel (every process holds the whole model)")
         progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step,
                        _device_label(trainer.args.world_size))
         try:
