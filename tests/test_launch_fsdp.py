@@ -39,16 +39,16 @@ def fsdp_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = Fal
     return recipe
 
 
-def one_process(recipe: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(recipe)], cwd=ROOT, env=ENV,
+def one_process(recipe: Path, *extra: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(recipe), *extra], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def fsdp_two_processes(recipe: Path, port: int) -> subprocess.CompletedProcess:
+def fsdp_two_processes(recipe: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
-         "--mixed_precision", "no", "--main_process_port", str(port), "-m", "fsdp_on_cpu", "train", str(recipe)],
+         "--mixed_precision", "no", "--main_process_port", str(port), "-m", "fsdp_on_cpu", "train", str(recipe), *extra],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
     return done
@@ -130,11 +130,11 @@ def test_qlora_under_fsdp_trains_like_one_process(tmp_path):
     shards them like any other parameter (tests/test_launch_profiles.py checks the dtype the loader gives)."""
     one = fsdp_recipe(tmp_path / "one", "one", micro=8, load_in_4bit=True)
     two = fsdp_recipe(tmp_path / "two", "two", micro=4, load_in_4bit=True)
-    one_process(one)
-    done = fsdp_two_processes(two, 29563)
+    one_process(one, "--stage", "general")
+    done = fsdp_two_processes(two, 29563, "--stage", "general")
     assert "non-floating frozen Params4bit" not in done.stderr  # accelerate's warning when it cannot shard them
     run1, run2 = tmp_path / "one/runs/one", tmp_path / "two/runs/two"
-    for stage in ("general", "vet"):
+    for stage in ("general",):
         assert json.loads((run2 / stage / "stage.json").read_text())["world_size"] == 2
         assert losses(run2, stage) == pytest.approx(losses(run1, stage), rel=TOL_4BIT)
         assert losses(run2, stage, "eval_loss") == pytest.approx(losses(run1, stage, "eval_loss"), rel=TOL_4BIT)
