@@ -19,24 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from runner.train.metrics import read_metrics
-from train_support import ROOT, two_stage_recipe
+from train_support import ROOT, launch_recipe
 
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-
-
-def fsdp_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = False) -> Path:
-    """Two stages (the second continues the first's adapter); the first keeps its best adapter, the second its
-    last; the end-of-turn token's LM-head row is trained too (lora.trainable_tokens)."""
-    recipe = two_stage_recipe(folder, name=name)
-    text = recipe.read_text().replace("micro_batch_size: 4", f"micro_batch_size: {micro}")
-    text = text.replace("lora: {r: 4, alpha: 8, target_modules: all-linear}",
-                        "lora: {r: 4, alpha: 8, target_modules: all-linear, trainable_tokens: ['<|eot_id|>']}")
-    text = text.replace("save_steps: 2, logging_steps: 1}", "save_steps: 2, logging_steps: 1, keep: best}", 1)
-    if load_in_4bit:
-        text = text.replace("dtype: float32}", "dtype: float32, load_in_4bit: true}")
-    recipe.write_text(text)
-    return recipe
 
 
 def one_process(recipe: Path, *extra: str) -> None:
@@ -70,8 +56,8 @@ TOL_4BIT = 5e-4
 
 @pytest.mark.slow
 def test_fsdp_two_processes_train_like_one_and_resume_from_sharded_checkpoints(tmp_path):
-    one = fsdp_recipe(tmp_path / "one", "one", micro=8)
-    two = fsdp_recipe(tmp_path / "two", "two", micro=4)
+    one = launch_recipe(tmp_path / "one", "one", micro=8)
+    two = launch_recipe(tmp_path / "two", "two", micro=4)
     one_process(one)
     done = fsdp_two_processes(two, 29561)
     run1, run2 = tmp_path / "one/runs/one", tmp_path / "two/runs/two"
@@ -128,8 +114,8 @@ def test_fsdp_two_processes_train_like_one_and_resume_from_sharded_checkpoints(t
 def test_qlora_under_fsdp_trains_like_one_process(tmp_path):
     """A 4-bit base under FSDP: its weights are stored in the compute dtype (bnb_4bit_quant_storage) so FSDP
     shards them like any other parameter (tests/test_launch_profiles.py checks the dtype the loader gives)."""
-    one = fsdp_recipe(tmp_path / "one", "one", micro=8, load_in_4bit=True)
-    two = fsdp_recipe(tmp_path / "two", "two", micro=4, load_in_4bit=True)
+    one = launch_recipe(tmp_path / "one", "one", micro=8, load_in_4bit=True)
+    two = launch_recipe(tmp_path / "two", "two", micro=4, load_in_4bit=True)
     one_process(one, "--stage", "general")
     done = fsdp_two_processes(two, 29563, "--stage", "general")
     assert "non-floating frozen Params4bit" not in done.stderr  # accelerate's warning when it cannot shard them

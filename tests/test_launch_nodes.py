@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.train.metrics import read_metrics
-from train_support import ROOT, two_stage_recipe
+from train_support import ROOT, launch_recipe
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 PROFILE = str(ROOT / "recipes/accelerate/cpu-2proc.yaml")
@@ -37,10 +37,10 @@ def losses(run: Path, stage: str, key: str = "loss") -> list[float]:
 
 @pytest.mark.slow
 def test_two_machines_train_like_one_machine_with_a_cache_each(tmp_path):
-    one = two_stage_recipe(tmp_path / "one", name="one")
+    one = launch_recipe(tmp_path / "one", "one", micro=4)
     finish(launch(one, 29571))
 
-    two = two_stage_recipe(tmp_path / "two", name="two")
+    two = launch_recipe(tmp_path / "two", "two", micro=4)
     machines = [launch(two, 29572, "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                        "--main_process_ip", "127.0.0.1",
                        env={**ENV, "TUNEBOOK_CACHE": str(tmp_path / f"cache-machine-{rank}")})
