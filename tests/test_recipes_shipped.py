@@ -8,7 +8,8 @@ from runner.recipe import check_defaults_file, is_defaults_file, load_recipe
 
 from conftest import RECIPES
 
-RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
+# launch profiles (accelerate/) and cluster tasks (cluster/) are not recipes: tests/test_launch_profiles.py reads them
+RECIPE_FILES = sorted(p for p in RECIPES.rglob("*.yaml") if not {"accelerate", "cluster"} & set(p.parts))
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: str(p.relative_to(RECIPES)))

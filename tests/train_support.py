@@ -57,3 +57,17 @@ def two_stage_recipe(folder: Path, *, init: str = "continue", extra_train: str =
             data: {{source: vet.jsonl, format: messages, val_size: 8}}
             train: {{max_steps: 4, learning_rate: 5e-3, micro_batch_size: 4, eval_steps: 2, save_steps: 2, logging_steps: 1{extra_train}}}
         """)
+
+
+def launch_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = False) -> Path:
+    """two_stage_recipe for launches of several processes: the first stage keeps its best adapter, the second its
+    last, and the end-of-turn token's rows are trained too (lora.trainable_tokens), as in the quickstart."""
+    recipe = two_stage_recipe(folder, name=name)
+    text = recipe.read_text().replace("micro_batch_size: 4", f"micro_batch_size: {micro}")
+    text = text.replace("lora: {r: 4, alpha: 8, target_modules: all-linear}",
+                        "lora: {r: 4, alpha: 8, target_modules: all-linear, trainable_tokens: ['<|eot_id|>']}")
+    text = text.replace("save_steps: 2, logging_steps: 1}", "save_steps: 2, logging_steps: 1, keep: best}", 1)
+    if load_in_4bit:
+        text = text.replace("dtype: float32}", "dtype: float32, load_in_4bit: true}")
+    recipe.write_text(text)
+    return recipe

@@ -37,15 +37,23 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
 
 
 def plan(recipe_path: RecipeArg, set_: SetOpt = None,
-         ranks: Annotated[int | None, typer.Option(help="Ranks to plan for (default: this launch's world size).")] = None) -> None:
-    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget."""
+         ranks: Annotated[int | None, typer.Option(help="Ranks to plan for (default: the profile's processes, else "
+                                                        "this launch's world size).")] = None,
+         profile: Annotated[Path | None, typer.Option(help="An accelerate launch profile (recipes/accelerate/*.yaml) "
+                                                          "to check the recipe against.", show_default=False)] = None,
+         ) -> None:
+    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget; with
+    --profile, what the launch does with it and what would make it fail (exit 2)."""
     from eval.numbers import number_text
 
     from ..recipe import load_recipe
     from ..recipe.plan import plan as plan_stages
+    from ..recipe.profile import LaunchError, check_launch, read_profile
     from ..recipe.resolved import resolved_yaml
 
     recipe = load_recipe(recipe_path, set_ or [])
+    launch = read_profile(profile) if profile else None
+    ranks = ranks or (launch.num_processes if launch else None)
     out.print(f"[bold]Resolved recipe[/bold] {recipe_path}")
     out.print(Syntax(resolved_yaml(recipe), "yaml", theme="ansi_dark", background_color="default"))
     stages = plan_stages(recipe, ranks)
@@ -74,3 +82,11 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
+    if launch is None:
+        return
+    problems, notes = check_launch(recipe, launch)
+    out.print(f"[bold]Launch[/bold] {launch.describe()}", highlight=False)
+    for note in notes:
+        out.print(f"  - {note}", highlight=False)
+    if problems:
+        raise LaunchError(problems)

@@ -185,10 +185,16 @@ def add_fast_lm_head(model) -> bool:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, token_ids, token_rows = head_weights(self.get_output_embeddings())
+        head = self.get_output_embeddings()
+        sharded = hasattr(head, "unshard")  # FSDP2: this head's own forward never runs, so gather its weight here
+        if sharded:
+            head.unshard()
+        weight, token_ids, token_rows = head_weights(head)
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != IGNORE_INDEX
         nll, top1 = head_nll(hidden[mask], weight, labels[mask], token_ids, token_rows)
+        if sharded and not torch.is_grad_enabled():
+            head.reshard()  # in training FSDP2 reshards it after the backward (and reduces its gradients first)
         # masked_scatter keeps an all-masked batch connected to the graph: a differentiable zero
         log_probs = nll.new_zeros(mask.shape).masked_scatter(mask, -nll)
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

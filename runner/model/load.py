@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TunebookError
+from ..launch import local_rank, shards_parameters
 from ..recipe import LoraConfig, ModelConfig
+from ..recipe.profile import LaunchError, sharding_problem
 from .base import resolve_base
 from .fast_head import add_fast_lm_head
 from .package import materialize
@@ -33,6 +35,11 @@ def cpu_has_bf16() -> bool:
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_device() -> torch.device:
+    """Where this process puts a model it loads: its own GPU under a launch of several processes."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -120,9 +127,13 @@ def check_fits(model_ref: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
 
 
 def check_quantization(cfg: ModelConfig) -> None:
-    """4-bit/8-bit loading needs bitsandbytes: say so before anything is loaded."""
+    """4-bit/8-bit loading needs bitsandbytes, and 8-bit weights cannot be sharded: say so before anything is
+    loaded."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return
+    problem = sharding_problem(cfg, shards_parameters())
+    if problem:
+        raise LaunchError([problem])
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -132,7 +143,11 @@ def check_quantization(cfg: ModelConfig) -> None:
 
 
 def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training: bool = True):
-    """The frozen base model, in `dtype` or quantized (4-bit nf4 / 8-bit) through bitsandbytes."""
+    """The frozen base model, in `dtype` or quantized (4-bit nf4 / 8-bit) through bitsandbytes.
+
+    Under a launch that shards parameters (FSDP, DeepSpeed ZeRO-3) the 4-bit weights are stored in the compute
+    dtype (`bnb_4bit_quant_storage`), the dtype of every other parameter, so they can be split like them; with
+    FSDP the model stays where it was loaded (accelerate places each process's shard)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -146,15 +161,16 @@ def load_base(model_ref: str, cfg: ModelConfig, dtype: torch.dtype, for_training
         from transformers import BitsAndBytesConfig
 
         if cfg.load_in_4bit:
+            compute = dtype if dtype != torch.float16 or torch.cuda.is_available() else torch.float32
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype if dtype != torch.float16 or torch.cuda.is_available() else torch.float32)
+                bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if shards_parameters() else torch.uint8)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = {"": load_device()}
     model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
-    if not (cfg.load_in_4bit or cfg.load_in_8bit):
-        model.to(device())
+    if not (cfg.load_in_4bit or cfg.load_in_8bit) and shards_parameters() != "fsdp":
+        model.to(load_device())
     model.config.use_cache = False
     add_fast_lm_head(model)  # perplexity (and training) score only label-bearing positions through the LM head
     return model

@@ -10,9 +10,18 @@ def step_of(path: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+# The model and optimizer files of a checkpoint: one process or DDP (the adapter, optimizer.pt); FSDP with a full
+# state dict (the adapter and pytorch_model_fsdp.bin, optimizer.bin); FSDP with a sharded state dict
+# (pytorch_model_fsdp_0/ and optimizer_0/, one file per process, from torch.distributed.checkpoint).
+MODEL_FILES = ("adapter_model.*", "pytorch_model_fsdp*")
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+
+
 def is_complete_checkpoint(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file() and any(path.glob("adapter_model.*")) and \
-        (path / "optimizer.pt").is_file()
+    """trainer_state.json is written last, after every process has written its part."""
+    return (path / "trainer_state.json").is_file() and \
+        any(any(path.glob(pattern)) for pattern in MODEL_FILES) and \
+        any(any(path.glob(pattern)) for pattern in OPTIMIZER_FILES)
 
 
 def last_checkpoint(checkpoints: Path, remove_broken: bool = True) -> Path | None:

@@ -21,7 +21,8 @@ from ..model.load import device
 from ..recipe import OPTIMIZERS, Recipe, StageConfig
 from ..run_dir import StageDir, StageOutcome
 from .checkpoints import last_checkpoint, step_of
-from ..launch import barrier, is_main_process
+from ..launch import barrier, is_main_process, shards_parameters
+from .gather import adapter_state_dict, save_adapter
 from .metrics import MetricsLog
 from .progress import StageProgress
 
@@ -142,10 +143,12 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
             step = self.state.global_step
             if result.loss < self.best_loss:
                 self.best_loss, self.best_step = result.loss, step
-                if stage.train.keep == "best" and self.is_world_process_zero():
-                    with atomic.atomic_dir(stage_dir.best_adapter) as tmp:
-                        self.model.save_pretrained(tmp)
-                        (tmp / "step").write_text(str(step))
+                if stage.train.keep == "best":
+                    state = adapter_state_dict(self)  # every process: a sharded adapter is gathered first
+                    if self.is_world_process_zero():
+                        with atomic.atomic_dir(stage_dir.best_adapter) as tmp:
+                            save_adapter(self, tmp, state)
+                            (tmp / "step").write_text(str(step))
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -228,6 +231,9 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
         # counters go on from the checkpoint's; they are summed over processes, so only the main one carries them
         trainer.tokens_seen = float(metrics.last("tokens_seen")) if main else 0.0
         trainer.report.base_seconds = float(metrics.last("seconds"))
+        if shards_parameters() == "fsdp" and not trainer.is_fsdp_enabled and main:
+            log(f"stage {stage.name}: accelerate shards with FSDP on GPUs only; on the CPU this launch is data "
+                "parallel (every process holds the whole model)")
         progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step,
                        _device_label(trainer.args.world_size))
         try:
@@ -244,6 +250,7 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
                            kept=stage.train.keep, seconds=metrics.last("seconds"), world_size=trainer.args.world_size)
     if outcome.best_eval_loss is not None:
         outcome.best_eval_ppl = math.exp(outcome.best_eval_loss)
+    state = adapter_state_dict(trainer)  # every process: a sharded adapter is gathered first
     if trainer.is_world_process_zero():
         best = stage_dir.best_adapter
         with atomic.atomic_dir(stage_dir.adapter) as tmp:
@@ -251,7 +258,7 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
                 for item in best.iterdir():
                     shutil.copy2(item, tmp / item.name)
             else:
-                trainer.model.save_pretrained(tmp)
+                save_adapter(trainer, tmp, state)
             tokenizer.save_pretrained(tmp)
             (tmp / "chat_template.jinja").write_text(tokenizer.chat_template or "")
         stage_dir.save_outcome(outcome)
