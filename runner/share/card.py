@@ -36,14 +36,18 @@ def shown(spec: str) -> str:
         return path.name
 
 
-def shareable_recipe(summary: RunSummary) -> str:
-    """recipe.yaml as uploaded: the resolved recipe with this machine's paths shown as `shown` does."""
-    text = summary.run.recipe_file.read_text()
+def shareable(summary: RunSummary, text: str) -> str:
+    """`text` (the recipe, the report) with the recipe's paths on this machine shown as `shown` does."""
     recipe = summary.recipe
-    for spec in [recipe.model.base, recipe.output_dir] + [s.data.source for s in recipe.stages]:
-        if Path(spec).is_absolute():
-            text = text.replace(spec, shown(spec))
+    specs = [recipe.model.base, recipe.output_dir] + [s.data.source for s in recipe.stages]
+    for spec in sorted({s for s in specs if Path(s).is_absolute()}, key=len, reverse=True):
+        text = text.replace(spec, shown(spec))
     return text
+
+
+def shareable_recipe(summary: RunSummary) -> str:
+    """recipe.yaml as uploaded: the resolved recipe, paths of this machine shortened."""
+    return shareable(summary, summary.run.recipe_file.read_text())
 
 
 def count_parameters(merged: Path) -> int | None:
@@ -155,6 +159,27 @@ def _stage_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+def _use(summary: RunSummary, repo: str, files: list[str]) -> str:
+    """How to run what the repo holds: the GGUF in llama.cpp, the merged model or the adapter in transformers."""
+    parts = []
+    if summary.exports:
+        gguf = summary.exports[0].path.name
+        parts += ["```bash", f"hf download {repo} {gguf} --local-dir .",
+                  f"llama-cli -m {gguf} -cnv          # or: tunebook chat {gguf}", "```"]
+    lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if "merged/config.json" in files:
+        lines += [f'model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}", subfolder="merged")']
+    else:
+        base = hub_id(summary.recipe.model.base)
+        note = "" if base else "  # the base this adapter was trained on (see Training)"
+        lines = ["from peft import PeftModel"] + lines + [
+            f'base = AutoModelForCausalLM.from_pretrained("{base or shown(summary.recipe.model.base)}"){note}',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # with the chat template it was trained with']
+    return "\n".join(parts + ["", "```python"] + lines + ["```"]).strip()
+
+
 def limitations(summary: RunSummary) -> list[str]:
     """What a reader must know before trusting an answer, from what the run measured."""
     recipe = summary.recipe
@@ -197,12 +222,7 @@ def model_card(summary: RunSummary, repo: str, files: list[str], license: str | 
              f"A LoRA fine-tune of `{base}` in {len(summary.stages)} stage(s) ({stages}), trained and measured by "
              f"tunebook recipe `{recipe.name}` (`{recipe.backend}` backend, seed {recipe.seed})"
              + (f", exported as {', '.join(e.quant for e in summary.exports)} GGUF" if summary.exports else "") + ".",
-             "", "## Files", "", _files_table(files, summary), "", "## Use", "",
-             "```python", "from peft import AutoPeftModelForCausalLM",
-             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")', "```", ""]
-    if summary.exports:
-        gguf = summary.exports[0].path.name
-        parts += ["```bash", f"llama-cli -m {gguf} -cnv          # or: tunebook chat {gguf}", "```", ""]
+             "", "## Files", "", _files_table(files, summary), "", "## Use", "", _use(summary, repo, files), ""]
     parts += ["## Training", "",
               f"Base model: `{base}`. LoRA: r {lora.r}, alpha {number_text(lora.alpha)}, dropout "
               f"{number_text(lora.dropout)}, target modules {lora.target_modules if isinstance(lora.target_modules, str) else ', '.join(lora.target_modules)}"

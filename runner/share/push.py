@@ -4,12 +4,13 @@ recipe, report and plots, and the model card as README.md), then uploaded in one
 `--dry-run` stops after the folder. The hub is whatever HF_ENDPOINT names (huggingface.co by default)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from ..errors import TunebookError
 from ..run_dir import RunDir
-from .card import model_card, shareable_recipe
+from .card import hub_id, model_card, shareable, shareable_recipe, shown
 from .folder import build
 from .summary import RunSummary, read_summary
 
@@ -35,6 +36,7 @@ def repo_files(summary: RunSummary, merged: bool) -> dict[str, Path | str]:
     for item in sorted(Path(outcome.adapter).iterdir()):
         if item.is_file() and item.name != "README.md":  # peft's own placeholder card
             files[item.name] = item
+    files["adapter_config.json"] = adapter_config(summary, Path(outcome.adapter) / "adapter_config.json")
     for i, adapter in enumerate(outcome.lineage, 1):
         for item in sorted(Path(adapter).iterdir()):
             if item.is_file() and item.name != "README.md":
@@ -45,11 +47,21 @@ def repo_files(summary: RunSummary, merged: bool) -> dict[str, Path | str]:
         files.update({f"merged/{p.name}": p for p in sorted(run.merged.iterdir()) if p.is_file()})
     for path in run.ggufs() + run.modelfiles():
         files[path.name] = path
-    for path in [run.report, run.forgetting_file, run.quality_file] + run.images():
+    for path in [run.forgetting_file, run.quality_file] + run.images():
         if path.is_file():
             files[path.name] = path
+    if run.report.is_file():
+        files[run.report.name] = shareable(summary, run.report.read_text())
     files["recipe.yaml"] = shareable_recipe(summary)
     return files
+
+
+def adapter_config(summary: RunSummary, path: Path) -> str:
+    """The adapter's config naming its base as others can find it (a hub id), not by a path of this machine."""
+    config = json.loads(path.read_text())
+    base = summary.recipe.model.base
+    config["base_model_name_or_path"] = hub_id(base) or shown(base)
+    return json.dumps(config, indent=2) + "\n"
 
 
 def build_repo_folder(run: RunDir, repo: str, out: Path | None = None, merged: bool = False,
