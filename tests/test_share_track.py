@@ -146,3 +146,20 @@ def test_a_tracker_the_recipe_does_not_list_is_never_contacted(monkeypatch):
 def test_an_unknown_tracker_is_a_clear_recipe_error():
     with pytest.raises(RecipeError, match="allowed values: tensorboard, mlflow, wandb"):
         load_recipe(shared_run_folder() / "recipe.yaml", ["report_to=[comet]"])
+
+
+def test_where_numbers_are_reported_is_not_part_of_the_experiment(tmp_path):
+    """Adding trackers to a started run (or resuming a run recorded before report_to existed) is allowed;
+    any other change of the recipe still is not."""
+    from runner.pipeline import prepare_run_dir
+
+    def recipe(*sets):
+        return load_recipe(shared_run_folder() / "recipe.yaml", [f"output_dir={tmp_path}", *sets])
+
+    run = prepare_run_dir(recipe())
+    run.stage("general").path.mkdir()  # started
+    run.recipe_file.write_text(run.recipe_file.read_text().replace("report_to:\n- tensorboard\n", ""))
+    prepare_run_dir(recipe("report_to=[mlflow, wandb]"))
+    assert "report_to:\n- mlflow\n- wandb\n" in run.recipe_file.read_text()
+    with pytest.raises(TunebookError, match="different version of recipe"):
+        prepare_run_dir(recipe("seed=8"))
