@@ -163,3 +163,15 @@ def test_where_numbers_are_reported_is_not_part_of_the_experiment(tmp_path):
     assert "report_to:\n- mlflow\n- wandb\n" in run.recipe_file.read_text()
     with pytest.raises(TunebookError, match="different version of recipe"):
         prepare_run_dir(recipe("seed=8"))
+
+
+def test_wandb_online_without_a_key_fails_before_any_training(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no stored W&B key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    recipe = load_recipe(shared_run_folder() / "recipe.yaml", ["report_to=[wandb]", "name=never",
+                                                                f"output_dir={tmp_path}"])
+    with pytest.raises(TunebookError, match="no W&B API key") as raised:
+        train_recipe(recipe, log=lambda m: None)
+    assert "WANDB_MODE=offline" in str(raised.value) and not (tmp_path / "never").exists()
