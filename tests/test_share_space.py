@@ -25,7 +25,7 @@ from train_support import ROOT
 pytestmark = pytest.mark.slow  # a venv of ~140 packages (pip's cache) and a real Chainlit server
 
 
-async def ask(url: str, text: str) -> str:
+async def ask(url: str, text: str, max_tokens: int = 16) -> str:
     """One question through the Chainlit protocol: connect (the server runs on_chat_start), send it greedy and
     short, collect the streamed reply until the task ends."""
     import socketio
@@ -40,7 +40,7 @@ async def ask(url: str, text: str) -> str:
     await sio.emit("connection_successful")
     while (await asyncio.wait_for(events.get(), 120))[0] != "chat_settings":
         pass
-    await sio.emit("chat_settings_change", {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16})
+    await sio.emit("chat_settings_change", {"temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens})
     await sio.emit("client_message", {"message": {
         "id": str(uuid.uuid4()), "threadId": "", "name": "User", "type": "user_message", "output": text,
         "createdAt": datetime.now(timezone.utc).isoformat()}, "fileReferences": []})

@@ -170,13 +170,15 @@ def _use(summary: RunSummary, repo: str, files: list[str]) -> str:
     if "merged/config.json" in files:
         lines += [f'model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="merged")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo}", subfolder="merged")']
-    else:
-        base = hub_id(summary.recipe.model.base)
-        note = "" if base else "  # the base this adapter was trained on (see Training)"
+    elif hub_id(summary.recipe.model.base):
         lines = ["from peft import PeftModel"] + lines + [
-            f'base = AutoModelForCausalLM.from_pretrained("{base or shown(summary.recipe.model.base)}"){note}',
+            f'base = AutoModelForCausalLM.from_pretrained("{summary.recipe.model.base}")',
             f'model = PeftModel.from_pretrained(base, "{repo}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # with the chat template it was trained with']
+    else:
+        return "\n".join(parts + ["", f"The adapter applies to `{shown(summary.recipe.model.base)}`, a base that is not "
+                                   "on the hub: use the GGUF, or a repo pushed with `--merged` (a transformers model "
+                                   "in `merged/`)."]).strip()
     return "\n".join(parts + ["", "```python"] + lines + ["```"]).strip()
 
 
