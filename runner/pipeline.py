@@ -3,13 +3,15 @@
 Finished stages are skipped, an unfinished one resumes from its last checkpoint, and everything that can fail
 cheaply (the recipe, the base model, the data) fails before any training starts. After the last stage the
 forgetting matrix, the export, the quality checks and the report are made, each only when it is not up to
-date (runner/run_dir.py's freshness rule).
+date (runner/run_dir.py's freshness rule), and the trackers the recipe lists get what is new (runner/share).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+
+from ruamel.yaml import YAML
 
 from . import atomic
 from .errors import Interrupted, TunebookError
@@ -33,7 +35,7 @@ def prepare_run_dir(recipe: Recipe) -> RunDir:
     anchored = recipe.anchored()
     resolved = resolved_yaml(anchored)
     started = any(run.stage(s.name).exists() for s in recipe.stages)
-    if run.recipe_file.is_file() and started and run.recipe_file.read_text() != resolved:
+    if run.recipe_file.is_file() and started and _experiment(run.recipe_file.read_text()) != _experiment(resolved):
         raise TunebookError(f"{run} holds a run of a different version of recipe '{recipe.name}'; resuming it "
                             "with other settings would mix two experiments\n"
                             f"    fix: give this run its own name (--set name={recipe.name}-2) or delete {run}")
@@ -41,6 +43,13 @@ def prepare_run_dir(recipe: Recipe) -> RunDir:
         atomic.write_text(run.recipe_file, resolved)
         atomic.write_text(run.resolved_file, resolved_yaml(anchored, provenance=True))
     return run
+
+
+def _experiment(resolved: str) -> dict:
+    """A resolved recipe as it decides results: where they are reported (`report_to`) is not part of it."""
+    data = YAML(typ="safe").load(resolved) or {}
+    data.pop("report_to", None)
+    return data
 
 
 def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tuple[dict[str, StageOutcome], list]:
@@ -68,6 +77,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     from .data.prepare import prepare_stage
     from .model.base import load_tokenizer
     from .model.load import check_fits, check_quantization, model_source, resolve_dtype, trainable_token_ids
+    from .share.track import check_trackers, track
     from .train.backends import get_backend
     from .train.protocol import StageJob
 
@@ -76,6 +86,8 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
         recipe.stage(only_stage)  # a clear error for an unknown name
     backend = get_backend(recipe.backend)
     backend.check(recipe)  # e.g. unsloth without a GPU: refused before anything is loaded
+    if is_main_process():
+        check_trackers(recipe)  # an unreachable tracker fails now, not after the training
     check_quantization(recipe.model)
     run = prepare_run_dir(recipe)
     with main_process_first():
@@ -108,6 +120,11 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
         log(f"stage {stage.name}: done in {outcome.steps} steps"
             + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if outcome.best_eval_ppl else "")
             + f"; adapter in {outcome.adapter}")
+        if is_main_process():
+            try:
+                track(recipe, run, log, stage=stage.name)
+            except TunebookError as exc:  # the run goes on; the end of the run sends it again
+                log(f"warning: {exc}")
     part()  # from here on the main process works alone
     if only_stage is None and all(s.name in outcomes for s in recipe.stages) and is_main_process():
         finish_run(recipe, run, model_ref, tokenizer, prepared, log,
@@ -123,6 +140,7 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     from .measure.forgetting import forgetting_matrix
     from .measure.quality import check_export
     from .measure.report import write_run_report
+    from .share.track import track
 
     if len(recipe.stages) > 1:
         forgetting_matrix(recipe, run, model_ref, {k: v.val for k, v in prepared.items()}, tokenizer.pad_token_id,
@@ -137,3 +155,4 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     if wall_start is not None:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
     write_run_report(recipe, run, log=log)
+    track(recipe, run, log)

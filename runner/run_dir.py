@@ -16,6 +16,9 @@ it. It holds three things:
     runs/<name>/<name>-<quant>.gguf                 the exported model, its chat template inside
     runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
     runs/<name>/report.md, *.png                    the report and its curves
+    runs/<name>/tensorboard/                        the run's own numbers as TensorBoard events (report_to)
+    runs/<name>/trackers/                           what was sent to each experiment tracker, and where
+    runs/<name>/hub/, space/                        what `tunebook push` uploads; the Space `tunebook space` writes
     runs/<name>/made-from.json                      what each artifact above was made from
 """
 from __future__ import annotations
@@ -155,6 +158,10 @@ class RunDir:
     wall_file = property(lambda self: self.path / "wall.json")
     report = property(lambda self: self.path / "report.md")
     ledger = property(lambda self: self.path / "made-from.json")
+    tensorboard = property(lambda self: self.path / "tensorboard")     # run-level events (stages have their own)
+    trackers = property(lambda self: self.path / "trackers")           # tracker records; W&B's local files
+    hub_folder = property(lambda self: self.path / "hub")              # `tunebook push` builds the upload here
+    space_folder = property(lambda self: self.path / "space")          # `tunebook space` writes here by default
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self.path / name)
@@ -166,6 +173,22 @@ class RunDir:
     def image(self, filename: str) -> Path:
         """A plot of the report."""
         return self.path / filename
+
+    def images(self) -> list[Path]:
+        """The report's plots."""
+        return sorted(self.path.glob("*.png"))
+
+    def ggufs(self) -> list[Path]:
+        """Every exported model of the run (one per type)."""
+        return sorted(self.path.glob(f"*{GGUF_SUFFIX}"))
+
+    def modelfiles(self) -> list[Path]:
+        """Ollama Modelfiles written beside the exported models."""
+        return sorted(p for p in self.path.glob("Modelfile*") if p.is_file())
+
+    def tracker_record(self, tracker: str, item: str) -> Path:
+        """What was sent to `tracker` for `item` (a stage's name, "run" or "summary"), and where it went."""
+        return self.trackers / f"{tracker}-{item}.json"
 
     def is_run(self) -> bool:
         return self.recipe_file.is_file()

@@ -145,9 +145,14 @@ class TargetsConfig(Strict):
     wall_minutes: Annotated[float, Field(gt=0)] | None = None  # the command that trains every stage
 
 
+# experiment trackers a run reports to (runner/share/track.py); none is contacted unless listed
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
 class Recipe(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     backend: Literal["hf", "unsloth", "axolotl"] = "hf"
+    report_to: list[Literal[TRACKERS]] = ["tensorboard"]  # type: ignore[valid-type]
     seed: int = 42
     output_dir: str = "runs"
     allow_cpu_fallback: bool = False

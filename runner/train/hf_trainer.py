@@ -33,7 +33,7 @@ def sft_config(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, autocast
     t = stage.train
     return SFTConfig(
         output_dir=str(stage_dir.checkpoints),
-        report_to=["tensorboard"],
+        report_to=["tensorboard"] if "tensorboard" in recipe.report_to else "none",  # other trackers: runner/share
         max_steps=t.max_steps if t.max_steps is not None else -1,
         num_train_epochs=t.num_epochs if t.num_epochs is not None else 1,
         per_device_train_batch_size=t.micro_batch_size,
