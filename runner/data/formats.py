@@ -68,11 +68,17 @@ def detect_format(rows: list[dict], fields: FieldMap) -> tuple[str, str]:
 def _text(value, what: str) -> str:
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):  # [{"type": "text", "text": ...}]
-        return "".join(str(p.get("text", "")) for p in value if p.get("type", "text") == "text")
-    raise BadRecord(f"{what} is not text (it is {describe(value)})")
+        value = "".join(str(p.get("text", "")) for p in value if p.get("type", "text") == "text")
+    if not isinstance(value, str):
+        raise BadRecord(f"{what} is not text (it is {describe(value)})")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes: half of a UTF-16 pair, no character
+            raise BadRecord(f"{what} holds half of a UTF-16 character pair ({value[exc.start]!r} at character "
+                            f"{exc.start + 1})") from None
+    return value
 
 
 def _turns(value, fields: FieldMap, role_keys: tuple[str, ...], content_keys: tuple[str, ...], what: str) -> list[dict]:
