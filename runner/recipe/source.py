@@ -8,6 +8,7 @@ line the user has to edit.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 
 from ..errors import Loc, Problem, RecipeError, describe, foreign_encoding, reencode_fix
 from .yaml_limits import check_yaml_bounds
@@ -174,7 +175,9 @@ def read_yaml(path: Path, source: str | None = None) -> tuple[dict, dict[KeyPath
     text = _read_text(path, source)
     check_yaml_bounds(text, source)  # before anything is built: bounded time and memory whatever the text
     try:
-        node = _yaml().load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReusedAnchorWarning)  # YAML allows it: the later anchor wins
+            node = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Loc(source, mark.line + 1, mark.column + 1) if mark else Loc(source)
