@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -72,6 +73,7 @@ class Bar:
         self._last_line = self.start
         self._task = None
         self._nested = False
+        self._stop = threading.Event()  # plain mode: ends the thread that prints a line while nothing moves
         self._silent = int(os.environ.get("RANK", "0")) != 0  # other ranks of a launch stay quiet
 
     # --- what callers use
@@ -126,6 +128,12 @@ class Bar:
         done = f"{fmt(self.completed)}/{fmt(self.total)}" if self.total else fmt(self.completed)
         return f"{done} {self.unit}".strip()
 
+    def _tick(self) -> None:
+        """Plain mode: a line every PLAIN_EVERY seconds even while one unit takes longer than that."""
+        while not self._stop.wait(PLAIN_EVERY / 3):
+            if time.perf_counter() - self._last_line >= PLAIN_EVERY:
+                self._line()
+
     def _line(self, end: bool = False) -> None:
         self._last_line = time.perf_counter()
         parts = [f"{self.label}: {self._counts()}"]
@@ -146,17 +154,20 @@ class Bar:
             _open += 1
             if not self._nested:
                 self._line()
+                self._ticker = threading.Thread(target=self._tick, daemon=True)
+                self._ticker.start()
             return
         if _live is None:
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
             from rich.table import Column
 
             def text(field: str, **style) -> TextColumn:  # never cut short
                 return TextColumn(field, table_column=Column(no_wrap=True), **style)
 
             _live = Progress(text("[bold]{task.description}"), BarColumn(bar_width=16), text("{task.fields[counts]}"),
-                             text("{task.fields[rate]}", style="dim"), text("{task.fields[eta]}", style="cyan"),
+                             text("{task.fields[rate]}", style="dim"), TimeElapsedColumn(),
+                             text("{task.fields[eta]}", style="cyan"),
                              TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis",
                                                                                      ratio=1)),
                              console=Console(stderr=True), transient=False, expand=True)
@@ -170,6 +181,7 @@ class Bar:
         if self._task is None:
             if not self._silent:
                 _open -= 1
+                self._stop.set()
                 if not self._nested:
                     self._line(end=True)
             return

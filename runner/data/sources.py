@@ -187,10 +187,9 @@ def read_file(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str
         if encoding:
             bad.add(name, f"the file is {encoding} text, not UTF-8", reencode_fix(encoding))
             return [], None
-        if not head.removeprefix(BOM).strip():
-            if not path.read_bytes().removeprefix(BOM).strip():
-                bad.add(name, "the file is empty", "remove the file, or put records in it")
-                return [], None
+        if not head.removeprefix(BOM).strip() and _blank(path):
+            bad.add(name, "the file is empty (or only blank lines)", "remove the file, or put records in it")
+            return [], None
     if suffix == ".jsonl":
         return list(read_jsonl(path, name, bad)), None
     if suffix == ".json":
@@ -202,6 +201,17 @@ def read_file(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str
     if suffix == ".csv":
         return read_csv(path, name, bad), None
     raise TunebookError(f"{name}: unsupported data file type '{path.suffix}'\n    fix: use one of {', '.join(EXTENSIONS)}")
+
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but white space (read in chunks, never whole)."""
+    with path.open("rb") as f:
+        first = True
+        while chunk := f.read(CHUNK_CHARS):
+            if (chunk.removeprefix(BOM) if first else chunk).strip():
+                return False
+            first = False
+    return True
 
 
 def _lines(f) -> Iterator[tuple[int, bytes | None]]:
@@ -384,7 +394,7 @@ class _ArrayReader:
         self._count_lines()  # up to pos, before the consumed text is dropped
         try:
             text = self.utf8.decode(chunk)
-        except UnicodeDecodeError as exc:
+        except UnicodeDecodeError:
             raise TunebookError(f"{self.name}:{self._line}: not UTF-8 text (near this line)\n"
                                 "    fix: save the file as UTF-8") from None
         self.buf = self.buf[self.pos:] + text
