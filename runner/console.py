@@ -58,7 +58,7 @@ def rate_text(done: float, seconds: float, unit: str) -> str:
     if done <= 0 or seconds <= 0:
         return ""
     per_s = done / seconds
-    singular = unit[:-1] if unit.endswith("s") else unit
+    singular = unit[:-2] if unit.endswith(("ches", "shes", "xes")) else unit[:-1] if unit.endswith("s") else unit
     return f"{per_s:,.1f} {unit}/s" if per_s >= 1 else f"{seconds / done:,.1f} s/{singular}"
 
 
@@ -103,8 +103,10 @@ class Bar:
         """A `(done, total)` callable for code that reports its own progress (eval/): it moves this bar from
         `offset` over `span` units (default: the reported total)."""
         def report(done: int, total: int) -> None:
-            width = total if span is None else span
-            self.update(completed=offset + (width * done / total if total else width))
+            if span is None:  # the bar is the reporter's own
+                self.update(completed=offset + done, total=offset + total)
+            else:
+                self.update(completed=offset + (span * done / total if total else span))
         return report
 
     # --- rendering

@@ -13,7 +13,7 @@ from runner.console import duration, progress, rate_text
 
 def test_rate_and_duration_read_well():
     assert rate_text(3, 1.5, "steps") == "2.0 steps/s"
-    assert rate_text(2, 56.2, "steps") == "28.1 s/step"
+    assert rate_text(2, 56.2, "steps") == "28.1 s/step" and rate_text(1, 9, "batches") == "9.0 s/batch"
     assert rate_text(0, 10, "steps") == ""
     assert duration(65) == "1:05" and duration(3725) == "1:02:05"
 
@@ -36,6 +36,16 @@ def test_plain_lines_without_a_terminal(monkeypatch, capsys):
     assert lines[1] == "training general: 3/4 steps, 10.0 s/step, ETA 0:10, loss 2.5"
     assert lines[-1].startswith("training general: 3/4 steps, in ")
     assert not any("evaluating" in line for line in lines)
+
+
+def test_a_callback_moves_the_bar_and_sets_its_total(monkeypatch):
+    monkeypatch.setattr(console, "_terminal", lambda: False)
+    with progress("evaluating", None, "batches") as bar:
+        bar.callback()(3, 12)
+        assert (bar.completed, bar.total) == (3, 12)
+    with progress("forgetting matrix", 100, "examples") as bar:
+        bar.callback(offset=50, span=25)(6, 12)   # half of a 25-example set, after the first 50
+        assert (bar.completed, bar.total) == (62.5, 100)
 
 
 def test_a_terminal_gets_a_bar_with_rate_and_eta(monkeypatch, capsys):
