@@ -112,3 +112,19 @@ def test_validate_and_plan_fail_on_a_missing_data_file(tmp_path, base):
     res = subprocess.run([sys.executable, "-m", "runner.cli", "validate", "--schema-only", str(path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_gguf_header_gives_the_model_shape_without_loading_it(tmp_path):
+    from gguf import GGUFReader
+
+    from runner.export.gguf_writer import write_gguf
+    from runner.preflight import _folder_shape, _gguf_shape
+    from tiny_gguf_models import llama_tokenizer, save, tiny_llama
+
+    tokenizer = llama_tokenizer()
+    folder = save(tiny_llama(tokenizer), tokenizer, tmp_path / "m")
+    gguf = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    shape = _gguf_shape(gguf)
+    assert shape["params"] == sum(int(t.n_elements) for t in GGUFReader(gguf).tensors)
+    assert {k: v for k, v in shape.items() if k != "params"} == \
+        {k: v for k, v in _folder_shape(folder).items() if k != "params"}
