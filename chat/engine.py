@@ -171,6 +171,10 @@ class ChatEngine:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        from .llama_log import route_llama_logs
+
+        route_llama_logs()
+
         self.lock = threading.RLock()  # reentrant: a caller may hold it across prepare + stream
         self.n_threads = n_threads or default_threads()
 

@@ -58,8 +58,10 @@ class _Tap:
         return getattr(self._llm, name)
 
 
-def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print) -> dict:
-    """Answer each question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn."""
+def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print,
+                     progress=None) -> dict:
+    """Answer each question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn.
+    `progress(done, total)`, when given, is told after each answer (instead of a log line every ten)."""
     from chat.engine import ChatEngine, Sampling
 
     engine = ChatEngine(gguf, n_ctx=1024)
@@ -84,7 +86,9 @@ def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TO
                          "reference": q["reference"], "stopped": stopped, "tokens": generated,
                          "first_token_s": round(first if first is not None else seconds, 3),
                          "seconds": round(seconds, 3), "same_prompt_as_training": prompt.tokens == q["prompt_ids"]})
-            if (i + 1) % 10 == 0:
+            if progress is not None:
+                progress(i + 1, len(questions))
+            elif (i + 1) % 10 == 0:
                 log(f"quality: answered {i + 1}/{len(questions)} held-out questions")
     finally:
         engine.close()

@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -232,7 +232,31 @@ def _scored(labels: list[int]) -> bool:
     return any(t != IGNORE_INDEX for t in labels[1:])
 
 
-def _progress(enabled: bool, total: int, description: str):
+class _Reported:
+    """Progress handed to the caller's `(done, total)` callable instead of drawn here."""
+
+    def __init__(self, report, total: int):
+        self.report, self.total, self.done = report, total, 0
+
+    def __enter__(self):
+        self.report(0, self.total)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return None
+
+    def advance(self, task, n: int = 1):
+        self.done += n
+        self.report(self.done, self.total)
+
+
+def _progress(progress, total: int, description: str):
+    """`progress`: True draws a transient bar on a terminal; a `(done, total)` callable is told instead."""
+    if callable(progress):
+        return _Reported(progress, total)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -244,7 +268,7 @@ def _progress(enabled: bool, total: int, description: str):
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=not (enabled and console.is_terminal),
+        disable=not (progress and console.is_terminal),
     )
 
 
@@ -293,7 +317,7 @@ def evaluate_torch(
     max_length: int | None = None,
     policy: str = "truncate",
     stride: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     pad_id: int | None = None,
     shard: bool = True,
     fused: bool | None = None,
@@ -330,7 +354,7 @@ def evaluate_torch(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _progress(progress and rank == 0, len(batches), "perplexity") as bar:
+        with torch.inference_mode(), _progress(progress if rank == 0 else False, len(batches), "perplexity") as bar:
             task = bar.add_task("perplexity", total=len(batches))
             for batch in batches:
                 inputs = collate(batch, pad_id)
@@ -360,6 +384,10 @@ def evaluate_torch(
 def _import_llama():
     try:
         from llama_cpp import Llama
+
+        from chat.llama_log import route_llama_logs
+
+        route_llama_logs()
     except (ImportError, OSError, RuntimeError) as exc:
         raise ImportError(
             "GGUF perplexity needs llama-cpp-python, built without native CPU tuning "
@@ -377,7 +405,7 @@ def evaluate_gguf(
     max_length: int | None = None,
     policy: str = "truncate",
     stride: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
 ) -> EvalResult:
     """Perplexity of a GGUF model on the same token ids and scored positions as evaluate_torch.
 

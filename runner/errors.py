@@ -73,3 +73,50 @@ class RecipeError(TunebookError):
 
     def __str__(self) -> str:
         return self.render()
+
+
+def describe(value: object) -> str:
+    """What a value is, in the words of the file it came from, never a Python class name:
+    'a list', 'a mapping', 'a number', 'text', 'true/false', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary data"
+    return "a value of an unsupported kind"
+
+
+# Byte-order marks of encodings a text reader here refuses (UTF-8 with or without a BOM is read).
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"), (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+         (b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)"))
+
+
+_BY_ZEROS = {(False, True, True, True): "UTF-32 (little-endian)", (True, True, True, False): "UTF-32 (big-endian)",
+             (False, True, False, True): "UTF-16 (little-endian)", (True, False, True, False): "UTF-16 (big-endian)"}
+
+
+def foreign_encoding(head: bytes) -> str | None:
+    """The name of a UTF-16/32 encoding that `head` (a file's first bytes) is written in, by its byte-order
+    mark or, without one, by the zero bytes every ASCII character of it carries; None for UTF-8 and others."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    zeros = tuple(b == 0 for b in head[:4])  # the zero bytes around an ASCII character
+    if len(head) >= 8 and head[:64].count(0) >= len(head[:64]) // 2:
+        return _BY_ZEROS.get(zeros)
+    return None
+
+
+def reencode_fix(encoding: str) -> str:
+    """How to save a UTF-16/32 file as UTF-8."""
+    code = encoding.split(" ")[0] + ("LE" if "little" in encoding else "BE")
+    return f"save it as UTF-8 (your editor's 'Save with encoding', or `iconv -f {code} -t UTF-8 FILE > NEW`)"

@@ -1,12 +1,19 @@
 """The `tunebook` command. Each subcommand is a thin shell over a library function; user errors are
-printed as one clear message (no traceback) and exit with status 2."""
+printed as one clear message (no traceback) and exit with status 2, usage errors (an unknown command or
+option) as the CLI library prints them, also with status 2."""
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
 from ..errors import TunebookError
+
+try:  # typer carries its own copy of click (typer._click) in recent versions
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # older typer uses click itself
+    from click import exceptions as _click_exceptions
 from .backend import export_config
 from .chat import chat
 from .data import data
@@ -25,6 +32,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own log lines "
+                                                   "(llama.cpp, transformers, ...) and warnings.")] = False) -> None:
+    """Declarative LoRA/QLoRA fine-tuning recipes: validate, plan, train, evaluate, export, chat."""
+    from ..console import quiet_libraries
+
+    quiet_libraries(not verbose)
+
+
 for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("eval", eval_),
                       ("export", export), ("compare", compare), ("chat", chat), ("export-config", export_config),
                       ("push", push), ("space", space)):
@@ -36,8 +54,11 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing. is deprecated).*")
+    args = sys.argv[1:]
+    if "--verbose" in args[1:]:  # also after the command (`tunebook train R --verbose`): it is the app's option
+        args = ["--verbose"] + [a for a in args if a != "--verbose"]
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, prog_name="tunebook", standalone_mode=False)
     except TunebookError as exc:
         err.print(str(exc), style="red", highlight=False, markup=False)
         sys.exit(exc.exit_code)
@@ -46,13 +67,19 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except _click_exceptions.ClickException as exc:  # usage errors: shown as typer shows them, exit status 2
+        _show_usage_error(exc)
+        sys.exit(exc.exit_code)
+    except _click_exceptions.Abort:
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_usage_error(exc) -> None:
+    """What `typer` prints for a usage error when it runs standalone (a rich panel, or click's plain text)."""
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+    except ImportError:
+        exc.show()

@@ -12,19 +12,41 @@ from ..errors import TunebookError
 from .options import RecipeArg, SetOpt, err, out
 
 
+SchemaOnlyOpt = Annotated[bool, typer.Option("--schema-only", help="Check the schema only: skip the preflight "
+                                             "(files, templates, hub ids, output folder, disk room).")]
+
+
+def checked_recipe(path: Path, set_: list[str] | None, schema_only: bool = False):
+    """The validated recipe and the preflight's notes; a RecipeError lists the schema's or the preflight's
+    problems, each with its file, line and fix."""
+    from ..errors import RecipeError
+    from ..preflight import preflight
+    from ..recipe.schema import load_recipe_located
+
+    recipe, located = load_recipe_located(path, set_ or [])
+    if schema_only:
+        return recipe, []
+    found = preflight(recipe, located)
+    if found.problems:
+        raise RecipeError(found.problems)
+    return recipe, found.notes
+
+
 def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.", show_default=False)],
-             set_: SetOpt = None) -> None:
-    """Check recipes against the schema. Exit 0 when all are valid, 2 otherwise."""
-    from ..recipe import check_defaults_file, is_defaults_file, load_recipe
+             set_: SetOpt = None, schema_only: SchemaOnlyOpt = False) -> None:
+    """Check recipes against the schema, then what can be checked without loading a model (local files,
+    chat template, hub ids when the hub answers, output folder, disk room). Exit 0 when all pass, 2 otherwise."""
+    from ..recipe import check_defaults_file, is_defaults_file
 
     failed = 0
     for path in recipes:
+        notes: list[str] = []
         try:
             if is_defaults_file(path) and not set_:
                 check_defaults_file(path)
                 summary = "defaults for recipes to extend"
             else:
-                recipe = load_recipe(path, set_ or [])
+                recipe, notes = checked_recipe(path, set_, schema_only)
                 summary = f"{recipe.name}: {len(recipe.stages)} stage{'s' if len(recipe.stages) != 1 else ''}"
         except TunebookError as exc:
             failed += 1
@@ -32,6 +54,8 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
             err.print(str(exc), highlight=False, markup=False)
         else:
             out.print(f"[green]✓[/green] {path} ({summary})", highlight=False)
+            for note in notes:
+                out.print(f"  {note}", style="dim", highlight=False, markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 
@@ -41,17 +65,16 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
                                                         "this launch's world size).")] = None,
          profile: Annotated[Path | None, typer.Option(help="An accelerate launch profile (recipes/accelerate/*.yaml) "
                                                           "to check the recipe against.", show_default=False)] = None,
-         ) -> None:
-    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget; with
-    --profile, what the launch does with it and what would make it fail (exit 2)."""
+         schema_only: SchemaOnlyOpt = False) -> None:
+    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget, after
+    the checks of `validate`; with --profile, what the launch does with it and what would make it fail (exit 2)."""
     from eval.numbers import number_text
 
-    from ..recipe import load_recipe
     from ..recipe.plan import plan as plan_stages
     from ..recipe.profile import LaunchError, check_launch, read_profile
     from ..recipe.resolved import resolved_yaml
 
-    recipe = load_recipe(recipe_path, set_ or [])
+    recipe, notes = checked_recipe(recipe_path, set_, schema_only)
     launch = read_profile(profile) if profile else None
     ranks = ranks or (launch.num_processes if launch else None)
     out.print(f"[bold]Resolved recipe[/bold] {recipe_path}")
@@ -82,11 +105,13 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
+    for note in notes:
+        out.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
     if launch is None:
         return
-    problems, notes = check_launch(recipe, launch)
+    problems, launch_notes = check_launch(recipe, launch)
     out.print(f"[bold]Launch[/bold] {launch.describe()}", highlight=False)
-    for note in notes:
+    for note in launch_notes:
         out.print(f"  - {note}", highlight=False)
     if problems:
         raise LaunchError(problems)

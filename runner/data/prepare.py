@@ -23,8 +23,9 @@ from ..cache import cache_root
 from ..errors import TunebookError
 from ..recipe import Recipe, StageConfig
 from . import cache as data_cache
-from .formats import BadRecord, detect_format, normalize, record_to_messages
+from .formats import BadRecord, detect_format, has_tool_turns, normalize, record_to_messages
 from .pack import packing_efficiency
+from .render import TOOL_FIX, tool_turn_problem
 from .report import DataReport
 from .sources import BadRecords, open_source
 from .split import shuffled, split_indices
@@ -57,9 +58,12 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
             "max": int(a.max())}
 
 
-def read_conversations(records, cfg, report: DataReport, bad: BadRecords, log) -> list[list[dict]]:
+def read_conversations(records, cfg, report: DataReport, bad: BadRecords, log,
+                       tool_problem: Callable[[], str | None] | None = None) -> list[list[dict]]:
     """A source's records as conversations (format detected or as configured, system prompt added, broken
-    turns counted in `report`); records that are no conversation go to `bad`."""
+    turns counted in `report`); records that are no conversation go to `bad`, and so do conversations with
+    tool turns unless `tool_problem()` (asked once, when the first one comes) says they can be trained."""
+    tool_refusal: list[str | None] = []
     fmt = cfg.format
     if fmt == "auto":
         fmt, why = detect_format([r.row for r in records], cfg.fields)
@@ -75,6 +79,12 @@ def read_conversations(records, cfg, report: DataReport, bad: BadRecords, log) -
             bad.add(record.where, str(exc))
             continue
         conv = normalize(turns, cfg.system_prompt, issues)
+        if conv is not None and has_tool_turns(conv):
+            if not tool_refusal:
+                tool_refusal.append(tool_problem() if tool_problem else "this backend does not train them")
+            if tool_refusal[0]:
+                bad.add(record.where, f"has tool calls or tool results, and {tool_refusal[0]}", TOOL_FIX)
+                continue
         if conv is not None:
             out.append(conv)
     report.conversations = len(out)
@@ -130,7 +140,8 @@ def prepare_stage(recipe: Recipe, stage: StageConfig, tokenizer, *, cache_dir: P
     if not data.records:
         report.bad_records = bad.count
         raise _no_data_error(stage, report, "the source has no usable records")
-    conversations = read_conversations(data.records, cfg, report, bad, log)
+    conversations = read_conversations(data.records, cfg, report, bad, log,
+                                       tool_problem=lambda: tool_turn_problem(template, tokenizer))
     report.bad_records, report.bad_reasons, report.bad_examples = bad.count, dict(bad.reasons), bad.examples
     if not conversations:
         raise _no_data_error(stage, report, "no usable conversation")

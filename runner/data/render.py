@@ -93,3 +93,33 @@ def end_of_turn_token(template_name_or_text: str, tokenizer) -> str:
         if candidate and len(tokenizer.encode(candidate, add_special_tokens=False)) == 1:
             return candidate
     return tokenizer.eos_token
+
+
+TOOL_PROBE = [
+    {"role": "user", "content": "tunebook-probe-question"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "tunebook_probe_tool", "arguments": {"probe": "tunebook-probe-arg"}}}]},
+    {"role": "tool", "content": "tunebook-probe-result"},
+    {"role": "assistant", "content": "tunebook-probe-answer"},
+]
+TOOL_FIX = ("use a chat template that writes tool calls and tool results (the model's own when it has one, e.g. "
+            "Qwen 2.5 or Llama 3.1: remove model.chat_template; or a .jinja file), set data.on_bad_record: skip to "
+            "leave these conversations out, or rewrite them as plain user/assistant turns before training")
+
+
+def tool_turn_problem(template: str, tokenizer) -> str | None:
+    """Why conversations with tool calls cannot be trained with `template`, or None when they can: the
+    template must write the call and the result, and the result must fall outside the trained spans (a
+    tool's output is the model's input, never its target; TRL's assistant-only loss does the same)."""
+    try:
+        text, spans = render_with_spans(template, TOOL_PROBE, tokenizer)
+    except TunebookError as exc:
+        return f"the chat template fails on them ({str(exc).splitlines()[0]})"
+    missing = [what for what, probe in (("tool calls", "tunebook_probe_tool"), ("tool results", "tunebook-probe-result"))
+               if probe not in text]
+    if missing:
+        return f"the chat template does not write {' or '.join(missing)}"
+    result = text.index("tunebook-probe-result")
+    if any(start <= result < end for start, end in spans):
+        return "the chat template puts tool results inside the assistant's trained text"
+    return None

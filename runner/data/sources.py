@@ -3,8 +3,10 @@
 
 Each record keeps the place it came from (`file:line`) so every complaint can point at it. Broken
 input is handled here: a JSON array cut off mid-record keeps every complete record and says where it
-was cut; a malformed JSON Lines line stops the run naming file:line, or is counted and skipped with
-`on_bad_record: skip`.
+was cut; a malformed record (bad JSON, nested too deep, a line over MAX_LINE_BYTES, not UTF-8, not an
+object, a CSV row of the wrong width) and an unreadable file (empty, UTF-16/32, not Parquet) stop the run
+naming file:line and the fix, or are counted and skipped with `on_bad_record: skip`. UTF-8 with a
+byte-order mark and Windows line ends (CRLF) are read as they are.
 """
 from __future__ import annotations
 
@@ -12,16 +14,21 @@ import codecs
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import TunebookError
+from ..errors import TunebookError, describe, foreign_encoding, reencode_fix
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 CHUNK_CHARS = 4 * 1024 * 1024
+MAX_LINE_BYTES = 64 * 1024 * 1024  # one record of a JSON Lines or CSV file
+BOM = b"\xef\xbb\xbf"
+RECORD_FIX = ("correct that record, map its field names with data.fields, or set data.on_bad_record: skip to "
+              "count and skip bad records")
 
 
 @dataclass
@@ -38,11 +45,9 @@ class BadRecords:
     reasons: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def add(self, where: str, reason: str) -> None:
+    def add(self, where: str, reason: str, fix: str = RECORD_FIX) -> None:
         if self.policy == "error":
-            raise TunebookError(
-                f"{where}: {reason}\n    fix: correct that record, map its field names with data.fields, "
-                "or set data.on_bad_record: skip to count and skip bad records")
+            raise TunebookError(f"{where}: {reason}\n    fix: {fix}")
         self.reasons[reason.split(" (")[0]] += 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
@@ -112,8 +117,12 @@ class Source:
 
 
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in EXTENSIONS
-                  and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+    try:
+        return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
+                      and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+    except OSError as exc:
+        raise TunebookError(f"{folder}: cannot list the folder ({exc.strerror}: {exc.filename})\n"
+                            "    fix: check its permissions, or point data.source at a file") from None
 
 
 def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, split: str = "train") -> Source:
@@ -127,7 +136,7 @@ def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, s
         candidates.append(recipe_dir / spec)
     for path in candidates:
         if path.is_file():
-            if path.suffix not in EXTENSIONS:
+            if path.suffix.lower() not in EXTENSIONS:
                 raise TunebookError(f"{path}: unsupported data file type '{path.suffix}'\n"
                                     f"    fix: use one of {', '.join(EXTENSIONS)}")
             return Source(spec, "files", [path])
@@ -138,7 +147,7 @@ def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, s
                                     f"    fix: put {', '.join(EXTENSIONS)} files in it, or point data.source at a file")
             return Source(spec, "files", files, display_root=path.parent)
     if Path(spec).suffix in EXTENSIONS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        tried = " and ".join(str(p.resolve()) for p in candidates)
+        tried = " and ".join(dict.fromkeys(str(p.resolve()) for p in candidates))
         raise TunebookError(f"data file not found: {spec} (tried {tried})\n"
                             "    fix: check the path; relative paths are read from the current directory, "
                             "then from the recipe's directory")
@@ -164,47 +173,153 @@ def _package_source(spec: str) -> Source:
 
 
 def read_file(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str | None]:
-    """All records of one file, and a truncation notice if it was cut off."""
-    if path.suffix == ".jsonl":
-        return list(read_jsonl(path, name, bad)), None
-    if path.suffix == ".json":
+    """All records of one file, and a truncation notice if it was cut off. A file that cannot be read at
+    all (empty, another encoding, not Parquet) goes to `bad` like a bad record."""
+    suffix = path.suffix.lower()
+    try:
         with path.open("rb") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith(b"["):
+            head = f.read(4096)
+    except OSError as exc:
+        bad.add(name, f"cannot be read ({exc.strerror})", "check the file's permissions, or remove it")
+        return [], None
+    if suffix != ".parquet":
+        encoding = foreign_encoding(head)
+        if encoding:
+            bad.add(name, f"the file is {encoding} text, not UTF-8", reencode_fix(encoding))
+            return [], None
+        if not head.removeprefix(BOM).strip() and _blank(path):
+            bad.add(name, "the file is empty (or only blank lines)", "remove the file, or put records in it")
+            return [], None
+    if suffix == ".jsonl":
+        return list(read_jsonl(path, name, bad)), None
+    if suffix == ".json":
+        if head.removeprefix(BOM).lstrip().startswith(b"["):
             return read_json_array(path, name, bad)
         return list(read_jsonl(path, name, bad)), None  # JSON Lines saved with a .json name
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if suffix == ".parquet":
+        return read_parquet(path, name, bad), None
+    if suffix == ".csv":
+        return read_csv(path, name, bad), None
+    raise TunebookError(f"{name}: unsupported data file type '{path.suffix}'\n    fix: use one of {', '.join(EXTENSIONS)}")
 
-        rows = pq.read_table(path).to_pylist()
-        return [Record(row, f"{name} row {i}") for i, row in enumerate(rows)], None
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            return [Record(dict(row), f"{name}:{reader.line_num}") for row in reader], None
-    raise TunebookError(f"{name}: unsupported data file type '{path.suffix}'")
+
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but white space (read in chunks, never whole)."""
+    with path.open("rb") as f:
+        first = True
+        while chunk := f.read(CHUNK_CHARS):
+            if (chunk.removeprefix(BOM) if first else chunk).strip():
+                return False
+            first = False
+    return True
+
+
+def _lines(f) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of a binary file; None for a line over MAX_LINE_BYTES (read past, never held)."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(CHUNK_CHARS)
+            yield lineno, None
+            continue
+        yield lineno, raw
+
+
+def _decode_line(raw: bytes, lineno: int) -> tuple[str | None, str]:
+    """(text, '') or (None, why not): UTF-8, a byte-order mark on the first line dropped."""
+    if lineno == 1:
+        raw = raw.removeprefix(BOM)
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
 
 
 def read_jsonl(path: Path, name: str, bad: BadRecords) -> Iterator[Record]:
-    """One JSON object per line; blank lines are allowed."""
+    """One JSON object per line; blank lines are allowed, line ends may be LF or CRLF."""
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad.add(f"{name}:{lineno}", f"not UTF-8 text ({exc.reason})")
+        for lineno, raw in _lines(f):
+            where = f"{name}:{lineno}"
+            if raw is None:
+                bad.add(where, f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB",
+                        "split that record, or check that the file really is JSON Lines (one record per line)")
+                continue
+            line, why = _decode_line(raw, lineno)
+            if line is None:
+                bad.add(where, why, "save the file as UTF-8, or " + RECORD_FIX.split(", or ")[-1])
                 continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.rstrip("\r\n"))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
-                bad.add(f"{name}:{lineno}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+                bad.add(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                bad.add(where, "not usable JSON (nested too deep to read)")
                 continue
             if not isinstance(row, dict):
-                bad.add(f"{name}:{lineno}", f"not a JSON object (a {type(row).__name__})")
+                bad.add(where, f"not a JSON object (it is {describe(row)})")
                 continue
-            yield Record(row, f"{name}:{lineno}")
+            yield Record(row, where)
+
+
+def read_parquet(path: Path, name: str, bad: BadRecords) -> list[Record]:
+    """Every row of a Parquet file; a file pyarrow cannot read goes to `bad`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        bad.add(name, f"not a readable Parquet file ({str(exc).splitlines()[0][:200]})",
+                "write the file again, or remove it")
+        return []
+    return [Record(row, f"{name} row {i}") for i, row in enumerate(rows)]
+
+
+csv.field_size_limit(MAX_LINE_BYTES)
+
+
+def read_csv(path: Path, name: str, bad: BadRecords) -> list[Record]:
+    """Rows of a CSV file with a header line; a row whose width differs from the header's goes to `bad`."""
+    raw = path.read_bytes().removeprefix(BOM)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        bad.add(f"{name}:{line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8")
+        return []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[Record] = []
+    header: list[str] | None = None
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as exc:
+            bad.add(f"{name}:{reader.line_num}", f"not valid CSV ({exc})")
+            continue
+        if header is None:
+            header = row
+            if len(set(header)) != len(header):
+                twice = sorted({h for h in header if header.count(h) > 1})
+                raise TunebookError(f"{name}:1: the header names column(s) {', '.join(map(repr, twice))} twice\n"
+                                    "    fix: give every column its own name")
+            continue
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            bad.add(f"{name}:{reader.line_num}", f"has {len(row)} fields, the header has {len(header)} (a comma "
+                    "or quote out of place?)")
+            continue
+        records.append(Record(dict(zip(header, row)), f"{name}:{reader.line_num}"))
 
 
 def _cut_off(exc: json.JSONDecodeError, buf: str) -> bool:
@@ -214,7 +329,7 @@ def _cut_off(exc: json.JSONDecodeError, buf: str) -> bool:
 
 def read_json_array(path: Path, name: str, bad: BadRecords) -> tuple[list[Record], str | None]:
     """Stream a top-level JSON array record by record, keeping every complete record of a cut-off file."""
-    reader = _ArrayReader(path)
+    reader = _ArrayReader(path, name)
     records: list[Record] = []
     complete = 0
     if reader.next_char() != "[":
@@ -235,6 +350,12 @@ def read_json_array(path: Path, name: str, bad: BadRecords) -> tuple[list[Record
         line = reader.line
         try:
             value = reader.decode()
+        except RecursionError:
+            if not reader.skip_value():
+                return records, _notice(name, complete, line, "inside a record")
+            complete += 1
+            bad.add(f"{name}:{line}", "not usable JSON (nested too deep to read)")
+            continue
         except json.JSONDecodeError as exc:
             if not _cut_off(exc, reader.buf):
                 raise TunebookError(f"{name}:{reader.line_at(exc.pos)}: not valid JSON ({exc.msg}) in record "
@@ -244,7 +365,7 @@ def read_json_array(path: Path, name: str, bad: BadRecords) -> tuple[list[Record
         if isinstance(value, dict):
             records.append(Record(value, f"{name}:{line}"))
         else:
-            bad.add(f"{name}:{line}", f"record is not a JSON object (a {type(value).__name__})")
+            bad.add(f"{name}:{line}", f"record is not a JSON object (it is {describe(value)})")
 
 
 def _notice(name: str, complete: int, line: int, how: str) -> str:
@@ -255,9 +376,9 @@ def _notice(name: str, complete: int, line: int, how: str) -> str:
 class _ArrayReader:
     """A growing text window over a file, with the line number of the read position."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("rb")
-        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+    def __init__(self, path: Path, name: str) -> None:
+        self.file, self.name = path.open("rb"), name
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is dropped
         self.buf, self.pos, self.eof = "", 0, False
         self._line, self._line_pos = 1, 0
         self.decoder = json.JSONDecoder()
@@ -273,8 +394,9 @@ class _ArrayReader:
         self._count_lines()  # up to pos, before the consumed text is dropped
         try:
             text = self.utf8.decode(chunk)
-        except UnicodeDecodeError as exc:
-            raise TunebookError(f"{self.file.name}: not UTF-8 text near line {self._line} ({exc.reason})") from None
+        except UnicodeDecodeError:
+            raise TunebookError(f"{self.name}:{self._line}: not UTF-8 text (near this line)\n"
+                                "    fix: save the file as UTF-8") from None
         self.buf = self.buf[self.pos:] + text
         self._line_pos -= self.pos
         self.pos = 0
@@ -311,3 +433,28 @@ class _ArrayReader:
             except json.JSONDecodeError:
                 if not self._more():
                     raise
+
+    def skip_value(self) -> bool:
+        """Move past the array or object at pos without parsing it (it nests too deep for the JSON reader);
+        False if the file ends inside it."""
+        depth, in_string, escaped, i = 0, False, False, self.pos
+        while True:
+            if i >= len(self.buf):
+                start = self.pos
+                if not self._more():
+                    return False
+                i -= start  # _more() dropped the text before pos
+                continue
+            ch = self.buf[i]
+            i += 1
+            if in_string:
+                escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                in_string = True
+            elif ch in "[{":
+                depth += 1
+            elif ch in "]}":
+                depth -= 1
+                if depth == 0:
+                    self.pos = i
+                    return True

@@ -16,9 +16,11 @@ import numpy as np
 
 from eval.labels import IGNORE_INDEX as IGNORE
 
+from ..console import progress
 from .render import Span, render_with_spans
 
 BATCH = 256
+BAR_FROM = 200  # conversations: fewer are done before a bar would be read
 
 
 @dataclass
@@ -75,7 +77,11 @@ def _encode_by_pieces(text: str, spans: list[Span], tokenizer) -> tuple[list[int
 def tokenize_conversations(conversations: list[list[dict]], template: str, tokenizer, *, train_on: str,
                            max_length: int, truncation: str) -> TokenizeResult:
     """Render, tokenize and label every conversation, applying the length policy."""
-    rendered = [render_with_spans(template, conv, tokenizer) for conv in conversations]
+    rendered = []
+    with progress("tokenizing", len(conversations), "conversations", min_total=BAR_FROM) as bar:
+        for conv in conversations:  # rendering the chat template is most of the time
+            rendered.append(render_with_spans(template, conv, tokenizer))
+            bar.advance()
     texts = [text for text, _ in rendered]
     spans = [_choose_spans(s, len(text), train_on) for text, s in rendered]
     if getattr(tokenizer, "is_fast", False):

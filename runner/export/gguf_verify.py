@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from ..console import Bar, progress
 from ..errors import GGUFExportError, TunebookError
 from .gguf_writer import QUANTS, rope_parameters, arch_for, from_gguf_layout, load_config, plan_tensors, tensor_nbytes
 from .gguf_vocab import load_tokenizer
@@ -84,26 +85,32 @@ def verify_gguf(model_dir, gguf_path, quant: str, probe_text: str | None = None,
     ids = tok(text, add_special_tokens=True)["input_ids"][:max_tokens]
     hf_text_ids = tok(text, add_special_tokens=False)["input_ids"]
     del tok  # Gemma 3's 262k-token tokenizer holds ~300 MB: not kept while the models load
-    result: dict = {"quant": quant, "level": level, "n_tokens": len(ids),
-                    "config_mismatches": config_mismatches(model_dir, gguf_path),
-                    "tensors": check_tensors(model_dir, gguf_path, quant)}
+    # one bar: every tensor, then each logit source (the merged model, llama.cpp; transformers at level full)
+    with progress(f"verifying {gguf_path.name}", None, "checks") as bar:
+        result: dict = {"quant": quant, "level": level, "n_tokens": len(ids),
+                        "config_mismatches": config_mismatches(model_dir, gguf_path),
+                        "tensors": check_tensors(model_dir, gguf_path, quant, bar=bar, then=3 if level == "full" else 2)}
 
-    if level == "full":
-        hf, rounded = hf_logits(model_dir, ids, rounded_to=quant)
-        result["transformers"] = _judge(compare(rounded, transformers_logits(model_dir, gguf_path, ids)),
-                                        THRESHOLDS["transformers"][quant])
-        del rounded
-    else:
-        hf = hf_logits(model_dir, ids)
-    gc.collect()  # the torch model is gone before llama.cpp loads the file
-    skip = llama_cpp_skip_reason()
-    if skip:
-        result["llama.cpp"] = {"skipped": skip}
-    else:
-        got, cpp_ids = llama_cpp_logits(gguf_path, ids, text, n_threads or _threads())
-        row = _judge(compare(hf, got), THRESHOLDS["llama.cpp"][quant])
-        row["tokenizer_match"] = cpp_ids == hf_text_ids
-        result["llama.cpp"] = row
+        bar.update(status="logits of the merged model")
+        if level == "full":
+            hf, rounded = hf_logits(model_dir, ids, rounded_to=quant)
+            bar.advance(status="logits of transformers reading the GGUF")
+            result["transformers"] = _judge(compare(rounded, transformers_logits(model_dir, gguf_path, ids)),
+                                            THRESHOLDS["transformers"][quant])
+            del rounded
+        else:
+            hf = hf_logits(model_dir, ids)
+        bar.advance(status="logits of llama.cpp")
+        gc.collect()  # the torch model is gone before llama.cpp loads the file
+        skip = llama_cpp_skip_reason()
+        if skip:
+            result["llama.cpp"] = {"skipped": skip}
+        else:
+            got, cpp_ids = llama_cpp_logits(gguf_path, ids, text, n_threads or _threads())
+            row = _judge(compare(hf, got), THRESHOLDS["llama.cpp"][quant])
+            row["tokenizer_match"] = cpp_ids == hf_text_ids
+            result["llama.cpp"] = row
+        bar.advance(status="")
 
     problems = _problems(result)
     if problems:
@@ -159,14 +166,15 @@ def _judge(row: dict, thresholds: tuple[float, float]) -> dict:
 CHUNK_ELEMENTS = 1 << 22  # rows of at most ~4M weights (16 MiB in fp32) are compared at a time
 
 
-def check_tensors(model_dir: Path, gguf_path: Path, quant: str) -> dict:
+def check_tensors(model_dir: Path, gguf_path: Path, quant: str, bar: Bar | None = None, then: int = 0) -> dict:
     """Every tensor in the GGUF against the model's weight stored the way the file stores it, exactly.
 
     The file's bytes are read one row chunk at a time (plain reads: neither file stays mapped), llama.cpp's
     rotary permute is undone with `from_gguf_layout` (transformers' inverse), and the bytes must equal the
     Hugging Face weight quantized as the plan says (Q8_0 and F16 round each row on its own, so rounding in
     the Hugging Face row order gives the same bytes); Gemma norms must read weight + 1. Tensors made here
-    (rope_freqs) must equal what the plan computes.
+    (rope_freqs) must equal what the plan computes. `bar` advances per tensor (its total: the tensors and
+    `then` steps after them).
     """
     from transformers.integrations.gguf.reader import GgufHeader
 
@@ -182,6 +190,8 @@ def check_tensors(model_dir: Path, gguf_path: Path, quant: str) -> dict:
     weights = _SafetensorsRows(model_dir)
     with ExitStack() as stack, open(gguf_path, "rb") as f:
         plans = plan_tensors(model_dir, config, arch, QUANTS[quant][1], stack)
+        if bar is not None:
+            bar.update(total=len(plans) + then, status="tensors against the merged weights")
         for name in sorted(set(stored) - {p.name for p in plans}):
             mismatches[name] = "in the file, but the model has no such tensor"
         for p in plans:
@@ -197,6 +207,8 @@ def check_tensors(model_dir: Path, gguf_path: Path, quant: str) -> dict:
             what = _check_tensor(f, offset, p, config, arch, weights)
             if what:
                 mismatches[p.name] = what
+            if bar is not None:
+                bar.advance()
     return {"n_tensors": len(stored), "n_bytes": n_bytes, "mismatches": mismatches, "ok": not mismatches}
 
 
@@ -318,6 +330,9 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int], text: str, n_threads: int)
     """llama.cpp's logits for `ids`, and its own tokenization of `text` (no special tokens)."""
     from llama_cpp import Llama
 
+    from chat.llama_log import route_llama_logs
+
+    route_llama_logs()
     llm = Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids) + 8), n_batch=max(8, len(ids)),
                 n_threads=n_threads, logits_all=True, verbose=False)
     try:

@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
+from ..console import progress
 from ..errors import GGUFExportError
 from ..recipe import QUANTS as QUANT_NAMES
 from .gguf_vocab import write_vocab
@@ -88,8 +89,10 @@ def write_gguf(model_dir, out_path, quant: str = "q8_0", metadata: dict | None =
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for p in plans:
-                writer.write_tensor_data(gguf.quants.quantize(p.load(), p.qtype))
+            with progress(f"writing {out_path.name}", sum(tensor_nbytes(p) for p in plans) / 2**20, "MiB") as bar:
+                for p in plans:
+                    writer.write_tensor_data(gguf.quants.quantize(p.load(), p.qtype))
+                    bar.advance(tensor_nbytes(p) / 2**20)
             for f in writer.fout or []:
                 f.flush()
                 os.fsync(f.fileno())

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..console import progress
 from ..model.load import estimate_bytes, model_source
 from ..recipe import Recipe
 from ..run_dir import RunDir, file_identity
@@ -51,25 +52,29 @@ def merge_run(recipe: Recipe, run: RunDir, log=print) -> Path:
     if model_ref.endswith(".gguf"):
         kwargs["gguf_file"] = Path(model_ref).name
         model_ref = str(Path(model_ref).parent)
-    model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
-    n_params = model.num_parameters()  # tied embeddings counted once (the estimate above counts them twice)
-    for adapter in adapters:
-        log(f"merging {adapter}")
-        wrapped = PeftModel.from_pretrained(model, str(adapter))
-        merge_trainable_tokens_in_place(wrapped)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "All adapters are already merged")  # the token rows, just above
-            model = wrapped.merge_and_unload()
-        del wrapped
-        gc.collect()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapters[-1]))
-    template_file = adapters[-1] / "chat_template.jinja"
-    if template_file.is_file() and template_file.read_text().strip():
-        tokenizer.chat_template = template_file.read_text()
-    with run.making(merged_dir, inputs), atomic.atomic_dir(merged_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template or "")
+    with progress("merging", len(adapters) + 2, "steps") as bar:  # load, each adapter, save
+        bar.update(status="loading the base")
+        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+        n_params = model.num_parameters()  # tied embeddings counted once (the estimate above counts them twice)
+        for adapter in adapters:
+            bar.advance(status=f"merging {adapter.parent.name}/{adapter.name}")
+            wrapped = PeftModel.from_pretrained(model, str(adapter))
+            merge_trainable_tokens_in_place(wrapped)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "All adapters are already merged")  # the token rows, just above
+                model = wrapped.merge_and_unload()
+            del wrapped
+            gc.collect()
+        bar.advance(status="saving")
+        tokenizer = AutoTokenizer.from_pretrained(str(adapters[-1]))
+        template_file = adapters[-1] / "chat_template.jinja"
+        if template_file.is_file() and template_file.read_text().strip():
+            tokenizer.chat_template = template_file.read_text()
+        with run.making(merged_dir, inputs), atomic.atomic_dir(merged_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "chat_template.jinja").write_text(tokenizer.chat_template or "")
+        bar.advance(status="")
     del model
     gc.collect()  # the write and the verification read merged/ back: free this copy first
     log(f"merged model saved: {merged_dir} ({n_params / 1e6:.0f}M parameters, {str(dtype).split('.')[-1]})")

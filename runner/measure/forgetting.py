@@ -9,6 +9,7 @@ import json
 from eval.perplexity import evaluate_torch
 
 from .. import atomic
+from ..console import progress
 from ..model.load import load_base, resolve_dtype
 from ..recipe import Recipe
 from ..run_dir import RunDir, StageOutcome
@@ -47,13 +48,20 @@ def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dic
         log(f"forgetting matrix is up to date: {run.forgetting_file}")
         return json.loads(run.forgetting_file.read_text())
     result = {"stages": stages, "rows": rows, "ppl": {}, "loss": {}, "tokens": {}}
-    with run.making(run.forgetting_file, inputs):
-        for row in rows:
-            log(f"forgetting matrix: scoring {'the base model' if row == 'base' else 'after stage ' + row}")
+    per_row = sum(len(val_sets[stage]) for stage in stages)
+    log(f"forgetting matrix: {len(stages)} validation set(s) scored with {len(rows)} models "
+        f"({', '.join(rows)})")
+    with run.making(run.forgetting_file, inputs), progress("forgetting matrix", len(rows) * per_row, "examples") as bar:
+        for r, row in enumerate(rows):
+            bar.update(status=f"loading {'the base model' if row == 'base' else 'the model after ' + row}")
             model = stage_model(model_ref, recipe, dtype, None if row == "base" else outcomes[row])
             result["ppl"][row], result["loss"][row] = {}, {}
+            done = r * per_row
             for stage in stages:
-                scored = evaluate_torch(model, val_sets[stage], batch_size=batch_size, progress=False, pad_id=pad_id)
+                bar.update(status=f"{row}: scoring {stage}")
+                scored = evaluate_torch(model, val_sets[stage], batch_size=batch_size, pad_id=pad_id,
+                                        progress=bar.callback(offset=done, span=len(val_sets[stage])))
+                done += len(val_sets[stage])
                 result["ppl"][row][stage] = scored.ppl
                 result["loss"][row][stage] = scored.loss
                 result["tokens"][stage] = scored.tokens

@@ -17,6 +17,7 @@ from pathlib import Path
 from eval.generation import MAX_TOKENS, answer_questions, held_out_questions
 
 from .. import atomic
+from ..console import progress
 from ..run_dir import RunDir, file_identity
 from .forgetting import samples_digest
 
@@ -32,12 +33,15 @@ def quantization_check(merged: Path, gguf: Path, val: list[dict]) -> dict:
 
     from ..model.fast_head import add_fast_lm_head
 
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    add_fast_lm_head(model)
-    torch_result = evaluate_torch(model, val, batch_size=4, progress=False)
-    del model
-    gc.collect()
-    gguf_result = evaluate_gguf(gguf, val, progress=False)
+    with progress("quality: perplexity", 2 * len(val), "examples") as bar:
+        bar.update(status="the merged model (torch)")
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        add_fast_lm_head(model)
+        torch_result = evaluate_torch(model, val, batch_size=4, progress=bar.callback(span=len(val)))
+        del model
+        gc.collect()
+        bar.update(status="the GGUF (llama.cpp)")
+        gguf_result = evaluate_gguf(gguf, val, progress=bar.callback(offset=len(val), span=len(val)))
     diff = (gguf_result.ppl - torch_result.ppl) / torch_result.ppl
     return {"merged_ppl": torch_result.ppl, "gguf_ppl": gguf_result.ppl, "relative": diff,
             "tokens": torch_result.tokens, "gguf_tokens": gguf_result.tokens,
@@ -59,7 +63,8 @@ def check_export(run: RunDir, gguf: Path, stage_name: str, val: list[dict], toke
         questions = held_out_questions(val, tokenizer, system_prompt)
         log(f"quality: answering {len(questions)} held-out {stage_name} questions with the GGUF (greedy, "
             f"at most {MAX_TOKENS} tokens)")
-        generation = answer_questions(gguf, questions, log=log)
+        with progress("quality: answering", len(questions), "questions") as bar:
+            generation = answer_questions(gguf, questions, log=log, progress=lambda done, total: bar.update(done))
         result = {"gguf": gguf.name, "stage": stage_name, "val_examples": len(val), "quantization": quant,
                   "generation": generation, "seconds": round(time.perf_counter() - start, 1)}
         atomic.write_text(run.quality_file, json.dumps(result, indent=2) + "\n")

@@ -393,9 +393,14 @@ def validate(located: Located, default_name: str) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge, override and validate a recipe file."""
+    return load_recipe_located(path, overrides)[0]
+
+
+def load_recipe_located(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, Located]:
+    """load_recipe, and where each key came from (for checks made after validation, e.g. the preflight)."""
     path = Path(path)
     located = load_located(path, overrides)
-    return validate(located, default_name=path.stem).read_from(path)
+    return validate(located, default_name=path.stem).read_from(path), located
 
 
 def is_defaults_file(path: str | Path) -> bool:

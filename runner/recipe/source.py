@@ -8,6 +8,7 @@ line the user has to edit.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 
-from ..errors import Loc, Problem, RecipeError
+from ..errors import Loc, Problem, RecipeError, describe, foreign_encoding, reencode_fix
+from .yaml_limits import check_yaml_bounds
 
 KeyPath = tuple[str | int, ...]
 
@@ -106,7 +108,8 @@ def _plain(node: Any, path: KeyPath, locs: dict[KeyPath, Loc], source: str) -> A
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 line, col = node.lc.key(key)
                 raise RecipeError([Problem(Loc(source, line + 1, col + 1), path_str(path),
-                                           f"unsupported key {key!r}", "keys are plain names")])
+                                           f"a key must be a plain name, not {describe(_plain_value(key))}",
+                                           "write keys as plain names (key: value)")])
             line, col = node.lc.key(key)
             locs[path + (str(key),)] = Loc(source, line + 1, col + 1)
             out[str(key)] = _plain(node[key], path + (str(key),), locs, source)
@@ -130,22 +133,51 @@ def _plain(node: Any, path: KeyPath, locs: dict[KeyPath, Loc], source: str) -> A
     if isinstance(node, (datetime, date)):
         return node.isoformat()
     raise RecipeError([Problem(locs.get(path) or Loc(source), path_str(path),
-                               f"unsupported YAML value of type {type(node).__name__}",
-                               "use plain strings, numbers, booleans, lists and mappings")])
+                               f"{describe(_plain_value(node))} is not a recipe value",
+                               "use plain text, numbers, true/false, lists and mappings")])
+
+
+def _plain_value(node: Any) -> Any:
+    """A round-trip node as the plain kind it stands for (for messages only)."""
+    if isinstance(node, CommentedMap):
+        return {}
+    if isinstance(node, (CommentedSeq, tuple)):
+        return []
+    return node
+
+
+def _read_text(path: Path, source: str) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; UTF-16/32 and other bytes are errors."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([Problem(Loc(source), "", "file not found",
+                                   "check the path (relative paths are relative to the current directory)")]) from None
+    except IsADirectoryError:
+        raise RecipeError([Problem(Loc(source), "", "is a folder, not a recipe file", "name a .yaml file")]) from None
+    except OSError as exc:
+        raise RecipeError([Problem(Loc(source), "", f"cannot read the file ({exc.strerror})", "")]) from None
+    encoding = foreign_encoding(raw[:64])
+    if encoding:
+        raise RecipeError([Problem(Loc(source), "", f"the file is {encoding} text", reencode_fix(encoding))])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RecipeError([Problem(Loc(source, line, column), "", f"the file is not UTF-8 text (byte "
+                                   f"0x{raw[exc.start]:02x})", "save it as UTF-8")]) from None
 
 
 def read_yaml(path: Path, source: str | None = None) -> tuple[dict, dict[KeyPath, Loc]]:
     """Read one YAML mapping with its key locations. Syntax errors become RecipeErrors with a position."""
     source = source or str(path)
+    text = _read_text(path, source)
+    check_yaml_bounds(text, source)  # before anything is built: bounded time and memory whatever the text
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError([Problem(Loc(source), "", "file not found",
-                                   "check the path (relative paths are relative to the current directory)")])
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem(Loc(source), "", f"cannot read the file: {exc}", "")])
-    try:
-        node = _yaml().load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReusedAnchorWarning)  # YAML allows it: the later anchor wins
+            node = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Loc(source, mark.line + 1, mark.column + 1) if mark else Loc(source)
@@ -160,7 +192,7 @@ def read_yaml(path: Path, source: str | None = None) -> tuple[dict, dict[KeyPath
     if node is None:
         raise RecipeError([Problem(Loc(source), "", "the file is empty", "a recipe is a YAML mapping (key: value)")])
     if not isinstance(node, CommentedMap):
-        raise RecipeError([Problem(Loc(source, 1, 1), "", f"expected a mapping of keys, got a {type(node).__name__}",
+        raise RecipeError([Problem(Loc(source, 1, 1), "", f"expected a mapping of keys, got {describe(_plain_value(node))}",
                                    "a recipe is a YAML mapping (key: value)")])
     locs: dict[KeyPath, Loc] = {(): Loc(source, 1, 1)}
     return _plain(node, (), locs, source), locs
@@ -216,6 +248,7 @@ def parse_set(expr: str) -> tuple[KeyPath, Any]:
                                    "separate keys with single dots, e.g. lora.r=16")])
     path = tuple(int(p) if p.isdigit() else p for p in parts)
     try:
+        check_yaml_bounds(raw, loc.source)
         value = _plain(_yaml().load(raw), path, {}, loc.source) if raw.strip() else None
     except (MarkedYAMLError, YAMLError) as exc:
         raise RecipeError([Problem(loc, key, f"cannot read the value: {exc}",

@@ -135,9 +135,9 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             # bf16 autocast as in training (accelerate applies it only to a prepared model's forward)
-            with torch.autocast(device(), dtype=torch.bfloat16, enabled=autocast_bf16):
+            with torch.autocast(device(), dtype=torch.bfloat16, enabled=autocast_bf16), progress.evaluating() as bar:
                 result = evaluate_torch(self.model, data.val, batch_size=t.eval_batch_size or t.micro_batch_size,
-                                        progress=False, pad_id=tokenizer.pad_token_id)
+                                        progress=bar.callback(), pad_id=tokenizer.pad_token_id)
             metrics = {f"{metric_key_prefix}_loss": result.loss, f"{metric_key_prefix}_ppl": result.ppl,
                        f"{metric_key_prefix}_tokens": result.tokens}
             step = self.state.global_step

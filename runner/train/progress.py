@@ -1,20 +1,20 @@
-"""A progress bar per stage: loss, last eval perplexity, trained tokens/s and ETA. Without a terminal
-(CI, logs piped to a file) it prints one line per logging step instead."""
+"""The bar of one training stage: steps, loss, last eval perplexity, trained tokens/s, the rate per step and
+the ETA (runner/console.py). Without a terminal (CI, logs piped to a file) the bar prints a progress line at
+most every 30 s, and one line per logging step with the loss."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from ..console import Bar, progress
 
 
 class StageProgress:
-    def __init__(self, name: str, total: int | None, log=print):
+    def __init__(self, name: str, total: int | None = None, log=print):
         self.name = name
         self.log_fn = log
-        self.console = Console(stderr=True)
-        self.bar: Progress | None = None
-        self.task = None
+        self.bar: Bar | None = None
+        self._stack = ExitStack()
         self.loss = self.ppl = None
         self.tokens_per_s = 0.0
         self._t0 = time.perf_counter()
@@ -22,14 +22,7 @@ class StageProgress:
 
     def start(self, total: int | None, initial: int, where: str) -> None:
         self.log_fn(f"stage {self.name}: training on {where}" + (f", {total} steps" if total else ""))
-        if not self.console.is_terminal:
-            return
-        self.bar = Progress(
-            TextColumn(f"[bold]{self.name}[/bold]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task(self.name, total=total, completed=initial, status="")
+        self.bar = self._stack.enter_context(progress(f"training {self.name}", total, "steps", initial=initial))
 
     def _status(self) -> str:
         parts = []
@@ -43,7 +36,11 @@ class StageProgress:
 
     def step(self, step: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, status=self._status())
+            self.bar.update(completed=step, status=self._status())
+
+    def evaluating(self):
+        """A bar for an evaluation during the stage (its `callback()` goes to eval's `progress=`)."""
+        return progress(f"evaluating {self.name}", None, "batches")
 
     def log(self, row: dict) -> None:
         if row.get("loss") is not None:
@@ -55,15 +52,15 @@ class StageProgress:
             self._tokens0, self._t0 = row.get("tokens_seen", 0), now
         elif now > self._t0:
             self.tokens_per_s = (row.get("tokens_seen", 0) - self._tokens0) / (now - self._t0)
-        if self.bar is not None:
-            self.bar.update(self.task, status=self._status())
-        else:
+        if self.bar is None:
+            return
+        self.bar.update(status=self._status())
+        if not self.bar.live:
             eval_part = f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_ppl']:.3f}" if row.get("eval_loss") is not None else ""
             loss_part = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
             rate = f"{self.tokens_per_s:,.0f} tok/s, " if self.tokens_per_s else ""  # known from the second row on
             self.log_fn(f"  {self.name} step {row['step']}:{loss_part}{eval_part} ({rate}{row.get('seconds', 0):.0f} s)")
 
     def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self._stack.close()
+        self.bar = None
