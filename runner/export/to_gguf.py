@@ -126,10 +126,12 @@ def _write_source(recipe, run: RunDir, merged: Path, log) -> Path:
 
 def _quantize(recipe, source: Path, out: Path, quant: str, keep: dict, log) -> None:
     from .gguf_table import read_table
-    from .gguf_writer import kept_types
+    from .gguf_writer import kept_types, tensor_type
     from .llama_quant import quantize_gguf
 
-    kept = kept_types([t.name for t in read_table(source)[1]], keep)
+    shapes = {t.name: t.shape for t in read_table(source)[1]}
+    kept = {name: tensor_type(name, shapes[name], qtype)  # as the writer plans it: Q8_0 rows it cannot block -> F16
+            for name, qtype in kept_types(list(shapes), keep).items()}
     quantize_gguf(source, out, quant, kept, log=log)
 
 
