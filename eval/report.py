@@ -142,6 +142,34 @@ def quantization_section(q: dict, stage: str) -> str:
             f"GGUF vs merged: {_pct(q['relative'])}{flag} ({q['tokens']:,} scored tokens).")
 
 
+@dataclass
+class ExportRow:
+    """One exported GGUF of a run and its checks (None where not measured)."""
+
+    quant: str
+    file: str
+    size_bytes: int | None
+    quality: dict | None   # quality.json's shape: "quantization" and "generation"
+
+
+def exports_table(rows: list[ExportRow], stage: str) -> str:
+    """One row per exported file, so a user can pick size against quality: type, size, perplexity against the
+    merged model, generation speed and how often answers stop at end-of-turn (the same questions for each)."""
+    lines = [f"| type | file | size | {stage} val ppl (vs merged) | generation tokens/s | stopped at end-of-turn |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        size = f"{row.size_bytes / 2**20:,.0f} MiB" if row.size_bytes is not None else "not exported"
+        ppl = speed = stops = "–"
+        if row.quality:
+            q, g = row.quality["quantization"], row.quality["generation"]
+            flag = "" if q["within_tolerance"] else f" **over {q['tolerance'] * 100:g}%**"
+            ppl = f"{q['gguf_ppl']:.3f} ({_pct(q['relative'])}){flag}"
+            speed = f"{g['tokens_per_s']:.1f}"
+            stops = f"{g['stopped']}/{g['questions']} ({g['stop_rate'] * 100:.0f}%)"
+        lines.append(f"| {row.quant} | {row.file} | {size} | {ppl} | {speed} | {stops} |")
+    return "\n".join(lines)
+
+
 def generation_section(g: dict, stage: str, val_examples: int) -> str:
     fewer = (f" The {stage} validation set has {val_examples} conversations, fewer than {QUESTIONS}: all "
              f"{g['questions']} usable first questions were asked." if g["questions"] < QUESTIONS else "")

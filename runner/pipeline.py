@@ -11,7 +11,6 @@ import json
 import os
 import time
 
-from ruamel.yaml import YAML
 
 from . import atomic
 from .errors import Interrupted, TunebookError
@@ -35,7 +34,7 @@ def prepare_run_dir(recipe: Recipe) -> RunDir:
     anchored = recipe.anchored()
     resolved = resolved_yaml(anchored)
     started = any(run.stage(s.name).exists() for s in recipe.stages)
-    if run.recipe_file.is_file() and started and _experiment(run.recipe_file.read_text()) != _experiment(resolved):
+    if run.recipe_file.is_file() and started and not _same_training(run, anchored, resolved):
         raise TunebookError(f"{run} holds a run of a different version of recipe '{recipe.name}'; resuming it "
                             "with other settings would mix two experiments\n"
                             f"    fix: give this run its own name (--set name={recipe.name}-2) or delete {run}")
@@ -45,11 +44,21 @@ def prepare_run_dir(recipe: Recipe) -> RunDir:
     return run
 
 
-def _experiment(resolved: str) -> dict:
-    """A resolved recipe as it decides results: where they are reported (`report_to`) is not part of it."""
-    data = YAML(typ="safe").load(resolved) or {}
-    data.pop("report_to", None)
-    return data
+def _same_training(run: RunDir, recipe: Recipe, resolved: str) -> bool:
+    """The recorded recipe and this one train the same: equal, or different only in what is made after training
+    (`export`: adding a GGUF type to a finished run exports that type alone) or where results are reported
+    (`report_to`)."""
+    if run.recipe_file.read_text() == resolved:
+        return True
+    from .recipe import load_recipe
+
+    try:
+        before = load_recipe(run.recipe_file)
+    except TunebookError:
+        return False
+    after_training = {"export": None, "report_to": []}
+    return resolved_yaml(before.model_copy(update=after_training)) == resolved_yaml(
+        recipe.model_copy(update=after_training))
 
 
 def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tuple[dict[str, StageOutcome], list]:
@@ -138,7 +147,7 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     recipe asks), the report; each made only when it is not up to date. `wall_start`: when this command
     started, if it trained every stage (the report then gives the run's wall time)."""
     from .measure.forgetting import forgetting_matrix
-    from .measure.quality import check_export
+    from .measure.quality import check_exports
     from .measure.report import write_run_report
     from .share.track import track
 
@@ -146,12 +155,12 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
         forgetting_matrix(recipe, run, model_ref, {k: v.val for k, v in prepared.items()}, tokenizer.pad_token_id,
                           log=log)
     if recipe.export is not None:
-        from .export.to_gguf import export_run
+        from .export.to_gguf import export_types
 
-        gguf = export_run(run, log=log)
+        ggufs = export_types(run, log=log)  # each type the recipe lists; only those not up to date are made
         last = recipe.stages[-1]
         if prepared[last.name].val:
-            check_export(run, gguf, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
+            check_exports(run, ggufs, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
     if wall_start is not None:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
     write_run_report(recipe, run, log=log)

@@ -13,8 +13,10 @@ it. It holds three things:
     runs/<name>/<stage>/                            adapter/, checkpoints/, metrics.jsonl, stage.json, ...
     runs/<name>/forgetting.json                     every stage's validation set scored after every stage
     runs/<name>/merged/                             the final model, adapters merged in (safetensors)
-    runs/<name>/<name>-<quant>.gguf                 the exported model, its chat template inside
+    runs/<name>/<name>-<quant>.gguf                 an exported model, its chat template inside (one per type)
+    runs/<name>/<name>-<quant>.Modelfile            the same model for Ollama (`ollama create NAME -f ...`)
     runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
+    runs/<name>/quality-<quant>.json                the same checks of another exported type
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/tensorboard/                        the run's own numbers as TensorBoard events (report_to)
     runs/<name>/trackers/                           what was sent to each experiment tracker, and where
@@ -170,6 +172,19 @@ class RunDir:
         """The exported model of recipe `name` in type `quant`."""
         return self.path / f"{name}-{quant}{GGUF_SUFFIX}"
 
+    def modelfile(self, name: str, quant: str) -> Path:
+        """The Ollama Modelfile of that exported model, beside it."""
+        return self.path / f"{name}-{quant}.Modelfile"
+
+    def quantize_source(self, name: str, dtype: str) -> Path:
+        """The full-precision GGUF llama.cpp's quantizer reads while it makes the llama.cpp types (then deleted)."""
+        return self.path / f".{name}-{dtype}{GGUF_SUFFIX}.quantize-source"
+
+    def quality_of(self, quant: str | None = None) -> Path:
+        """The checks of an exported GGUF: quality.json for the one the chat serves (None), quality-<quant>.json
+        for another type."""
+        return self.quality_file if quant is None else self.path / f"quality-{quant}.json"
+
     def image(self, filename: str) -> Path:
         """A plot of the report."""
         return self.path / filename
@@ -217,31 +232,57 @@ class RunDir:
     # -------------------------------------------------------------------------------- what chat serves
 
     def find_gguf(self, quant: str | None = None) -> Path:
-        """The GGUF to serve or score: `<name>-<quant>.gguf` (default q8_0), else another export of the run."""
+        """The GGUF to serve or score: `<name>-<quant>.gguf` (default: the recipe's first export type, else
+        q8_0), else another export of the run."""
         name = self.path.resolve().name
-        candidates = [self.gguf(name, quant or "q8_0")]
-        if quant is None:
-            candidates += sorted(self.path.glob(f"*-q8_0{GGUF_SUFFIX}")) + sorted(self.path.glob(f"*{GGUF_SUFFIX}"))
+        types = self.export_quants()
+        served = types[0]
+        candidates = [self.gguf(name, quant or served)]
+        if quant is None:  # then the recipe's other types, in its order, then any export of the run
+            candidates += [self.gguf(name, q) for q in types[1:]] + sorted(self.path.glob(f"*-{served}{GGUF_SUFFIX}"))
+            candidates += sorted(self.path.glob(f"*{GGUF_SUFFIX}"))
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        raise TunebookError(f"no {quant + ' ' if quant else ''}.gguf file in {self.path}: export the run first "
-                            f"(it writes {name}-{quant or 'q8_0'}{GGUF_SUFFIX} there), or pass the path of a .gguf file")
+        others = sorted(p.name for p in self.path.glob(f"*{GGUF_SUFFIX}"))
+        raise TunebookError(f"no {quant + ' ' if quant else ''}.gguf file in {self.path}"
+                            + (f" (it has {', '.join(others)})" if others else "") + "\n"
+                            f"    fix: export it first (tunebook export {self.path} --quant {quant or served}), "
+                            "or pass the path of a .gguf file")
+
+    def export_quants(self) -> list[str]:
+        """The GGUF types the run's recipe exports (export.quantization), the served one first; [q8_0] when it
+        says none."""
+        export = (self._resolved() or {}).get("export") or {}
+        quants = export.get("quantization") if isinstance(export, dict) else None
+        quants = [quants] if isinstance(quants, str) else quants if isinstance(quants, list) else []
+        return [q for q in quants if isinstance(q, str)] or ["q8_0"]
+
+    def served_quant(self) -> str:
+        """The GGUF type the chat serves by default: the first of the recipe's export.quantization."""
+        return self.export_quants()[0]
 
     def system_prompt(self) -> str | None:
         """The system prompt the run trained with: its last stage's `data.system_prompt` that is set."""
+        recipe = self._resolved()
+        if recipe is None:
+            return None
+        prompts = [((stage or {}).get("data") or {}).get("system_prompt") for stage in recipe.get("stages") or []
+                   if isinstance(stage, dict)]
+        prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+        return prompts[-1] if prompts else None
+
+    def _resolved(self) -> dict | None:
+        """recipe.resolved.yaml as plain data (no validation: chat reads it without the schema)."""
         from ruamel.yaml import YAML, YAMLError
 
         if not self.resolved_file.is_file():
             return None
         try:
-            recipe = YAML(typ="safe").load(self.resolved_file.read_text(encoding="utf-8")) or {}
+            data = YAML(typ="safe").load(self.resolved_file.read_text(encoding="utf-8")) or {}
         except (OSError, YAMLError) as exc:
             raise TunebookError(f"cannot read {self.resolved_file}: {exc}") from None
-        prompts = [((stage or {}).get("data") or {}).get("system_prompt") for stage in recipe.get("stages") or []
-                   if isinstance(stage, dict)]
-        prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-        return prompts[-1] if prompts else None
+        return data if isinstance(data, dict) else {}
 
     # ------------------------------------------------------------------------------ freshness
 

@@ -165,7 +165,7 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(model_dir, tmp_path,
 
 
 def test_unsupported_inputs_are_clear_errors(model_dir, tmp_path):
-    with pytest.raises(GGUFExportError, match="(?s)q4_k_m.*fix: use one of q8_0, f16, f32"):
+    with pytest.raises(GGUFExportError, match="(?s)q4_k_m.*llama.cpp's quantizer.*fix: use one of q8_0, f16, bf16, f32"):
         write_gguf(model_dir, tmp_path / "x.gguf", "q4_k_m")
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()

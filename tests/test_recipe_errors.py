@@ -181,7 +181,7 @@ def test_extends_merges_mappings_and_replaces_lists(write):
 
 
 def test_extends_chain_and_error_in_the_parent_names_the_parent(write):
-    grand = write("grand.yaml", "lora:\n  rank: 8\n")
+    write("grand.yaml", "lora:\n  rank: 8\n")
     write("parent.yaml", "extends: grand.yaml\n" + MINIMAL)
     child = write("child.yaml", "extends: parent.yaml\nseed: 1\n")
     p = only_problem(error_of(child))

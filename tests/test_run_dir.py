@@ -107,7 +107,7 @@ def test_freshness_rule(tmp_path):
 def test_find_gguf_in_a_run_directory(tmp_path):
     run = RunDir(tmp_path / "runs" / "quickstart")
     run.path.mkdir(parents=True)
-    with pytest.raises(TunebookError, match="no .gguf file.*export"):
+    with pytest.raises(TunebookError, match="(?s)no .gguf file.*tunebook export"):
         run.find_gguf()
     other = run.path / "experiment-f16.gguf"
     other.write_bytes(b"GGUF")
@@ -115,8 +115,15 @@ def test_find_gguf_in_a_run_directory(tmp_path):
     q8 = run.gguf("quickstart", "q8_0")
     q8.write_bytes(b"GGUF")
     assert run.find_gguf() == q8  # the run's own Q8_0 export first
-    with pytest.raises(TunebookError, match="no f16 .gguf"):
-        run.find_gguf("f16")  # a type asked for by name is that type or an error
+    with pytest.raises(TunebookError, match="no f16 .gguf.*quickstart-q8_0.gguf"):
+        run.find_gguf("f16")  # a type asked for by name is that type or an error (which the run has, said)
+    # the recipe's first export type is served by default
+    run.resolved_file.write_text("name: quickstart\nexport:\n  quantization: [q4_k_m, q8_0]\n")
+    assert run.served_quant() == "q4_k_m"
+    assert run.find_gguf() == q8  # not exported yet: the recipe's next type
+    q4 = run.gguf("quickstart", "q4_k_m")
+    q4.write_bytes(b"GGUF")
+    assert run.find_gguf() == q4 and run.find_gguf("q8_0") == q8
 
 
 def test_system_prompt_comes_from_the_run_recipe(tmp_path):

@@ -88,14 +88,15 @@ def gemma_tokenizer(vocab_size: int = 700):
 
 # --- models -----------------------------------------------------------------------------------------
 
-def tiny_llama(tokenizer, seed: int = 0):
-    """Llama 3.1-style: GQA, llama3 rope scaling (rope_freqs), an FFN width Q8_0 cannot block (F16)."""
+def tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 176):
+    """Llama 3.1-style: GQA, llama3 rope scaling (rope_freqs), an FFN width Q8_0 cannot block (F16).
+    `hidden_size=256, intermediate_size=512`: rows the K-quants' 256-value blocks divide (llama.cpp types)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=512,
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         rms_norm_eps=1e-5, initializer_range=0.1, tie_word_embeddings=False,
@@ -177,14 +178,14 @@ def save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def build(kind: str, path: Path) -> Path:
+def build(kind: str, path: Path, **config) -> Path:
     """Tokenizer, model, training, save: the folder a merge step would hand to the GGUF writer.
-    `kind` is "llama" or "gemma"."""
+    `kind` is "llama" or "gemma"; `config`: sizes for the model maker."""
     makers = {"llama": (llama_tokenizer, tiny_llama), "gemma": (gemma_tokenizer, tiny_gemma3)}
     make_tokenizer, make_model = makers[kind]
     with one_thread():
         tokenizer = make_tokenizer()
-        model = make_model(tokenizer)
+        model = make_model(tokenizer, **config)
         teach(model, tokenizer)
     return save(model, tokenizer, path)
 

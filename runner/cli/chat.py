@@ -15,6 +15,8 @@ def chat(
                                                   show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    quant: Annotated[str | None, typer.Option(help="Which of the run's GGUFs (q8_0, q4_k_m, ...; default: the "
+                                              "recipe's first export type).")] = None,
 ) -> None:
     """Start the web chat on the exported GGUF (CPU, llama-cpp-python), with the run's system prompt."""
     from rich.console import Console
@@ -27,7 +29,10 @@ def chat(
         raise TunebookError(f"no such run directory or GGUF file: {target}")
     run = RunDir(target if target.is_dir() else target.parent)
     try:
-        gguf = check_gguf(target if target.is_file() else run.find_gguf())
+        if quant and target.is_file():
+            raise TunebookError(f"--quant {quant} picks among a run's GGUFs, but {target} is one file\n"
+                                f"    fix: pass the run directory ({target.parent}) with --quant, or the file alone")
+        gguf = check_gguf(target if target.is_file() else run.find_gguf(quant))
         Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
         serve(gguf, host=host, port=port, system_prompt=run.system_prompt())
     except ChatError as exc:

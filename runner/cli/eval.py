@@ -13,6 +13,8 @@ def eval_(
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose stage validation set to score.")] = None,
     stage: Annotated[str | None, typer.Option(help="Stage of --recipe (default: the last).")] = None,
     data: Annotated[str | None, typer.Option(help="Score a whole data source instead (file, folder, hub id, package:).")] = None,
+    quant: Annotated[str | None, typer.Option(help="Score the run's GGUF of this type (q8_0, q4_k_m, ...) instead "
+                                              "of its final adapter.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass (the result does not depend on it).")] = 4,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")] = False,
 ) -> None:
@@ -23,7 +25,7 @@ def eval_(
     from ..measure.evaluate import evaluate_target
 
     err = Console(stderr=True, soft_wrap=True)
-    result = evaluate_target(target, recipe, stage, data, batch_size,
+    result = evaluate_target(target, recipe, stage, data, batch_size, quant=quant,
                              log=lambda m: err.print(m, highlight=False, markup=False))
     if json_:
         print(json.dumps(result))

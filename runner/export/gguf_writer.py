@@ -24,18 +24,22 @@ from gguf import LlamaFileType
 
 from ..console import progress
 from ..errors import GGUFExportError
-from ..recipe import QUANTS as QUANT_NAMES
+from ..recipe import LLAMA_CPP_QUANTS, TENSOR_TYPES, WRITER_QUANTS
 from .gguf_vocab import write_vocab
 
 log = logging.getLogger(__name__)
 
-# every type a recipe may name (export.quantization) -> (general.file_type, type of 2-D weights)
+# every type this writer makes (export.quantization) -> (general.file_type, type of 2-D weights)
 _TYPES = {
     "q8_0": (LlamaFileType.MOSTLY_Q8_0, QT.Q8_0),
     "f16": (LlamaFileType.MOSTLY_F16, QT.F16),
+    "bf16": (LlamaFileType.MOSTLY_BF16, QT.BF16),
     "f32": (LlamaFileType.ALL_F32, QT.F32),
 }
-QUANTS = {name: _TYPES[name] for name in QUANT_NAMES}
+QUANTS = {name: _TYPES[name] for name in WRITER_QUANTS}
+# what a tensor may be kept at (export.embedding_type / export.output_type) -> its GGUF type
+TENSOR_QTYPES = {name: _TYPES[name][1] for name in TENSOR_TYPES}
+EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"
 
 
 @dataclass
@@ -61,15 +65,18 @@ class TensorPlan:
 
 
 def write_gguf(model_dir, out_path, quant: str = "q8_0", metadata: dict | None = None,
-               chat_template: str | None = None) -> Path:
+               chat_template: str | None = None, keep: dict[str, str] | None = None) -> Path:
     """Write `model_dir` (safetensors + config.json + tokenizer) as a GGUF file at `out_path`.
 
     `metadata` adds provenance under `general.*` (`name`, `base_model`, `recipe`, ...);
-    `chat_template` overrides the tokenizer's own. Returns the path written.
+    `chat_template` overrides the tokenizer's own; `keep` ({"embedding": "f16", "output": ...}) stores
+    those tensors at that type instead of `quant`'s (see `kept_types`). Returns the path written.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     if quant not in QUANTS:
-        raise GGUFExportError(f"unknown GGUF quantization {quant!r}", f"use one of {', '.join(QUANTS)}")
+        made_by = " (llama.cpp's quantizer makes it from this writer's file: tunebook export)" \
+            if quant in LLAMA_CPP_QUANTS else ""
+        raise GGUFExportError(f"this writer does not make GGUF type {quant!r}{made_by}", f"use one of {', '.join(QUANTS)}")
     file_type, weight_type = QUANTS[quant]
     config = load_config(model_dir)
     arch = arch_for(config)
@@ -78,7 +85,7 @@ def write_gguf(model_dir, out_path, quant: str = "q8_0", metadata: dict | None =
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
         with ExitStack() as stack:
-            plans = plan_tensors(model_dir, config, arch, weight_type, stack)
+            plans = plan_tensors(model_dir, config, arch, weight_type, stack, keep)
             write_general(writer, model_dir, metadata or {})
             arch.write_hparams(writer, config)
             writer.add_file_type(file_type)
@@ -131,8 +138,10 @@ def arch_for(config) -> Arch:
 
 # --- tensors ----------------------------------------------------------------------------------------
 
-def plan_tensors(model_dir: Path, config, arch: Arch, weight_type: QT, stack: ExitStack) -> list[TensorPlan]:
-    """Every output tensor with its GGUF name, shape and type, in writing order. Reads no weights."""
+def plan_tensors(model_dir: Path, config, arch: Arch, weight_type: QT, stack: ExitStack,
+                 keep: dict[str, str] | None = None) -> list[TensorPlan]:
+    """Every output tensor with its GGUF name, shape and type, in writing order. Reads no weights.
+    `keep`: the embedding / output head at another type (`kept_types`)."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("model*.safetensors"))  # model.safetensors or model-00001-of-00002...
@@ -161,6 +170,10 @@ def plan_tensors(model_dir: Path, config, arch: Arch, weight_type: QT, stack: Ex
             qtype = tensor_type(name, shape, weight_type)
             load = _loader(handle, hf_name, config, arch)
             plans.append(TensorPlan(name, shape, qtype, load, hf_name))
+    for name, qtype in kept_types([p.name for p in plans], keep).items():
+        for p in plans:
+            if p.name == name:
+                p.qtype = tensor_type(name, p.shape, qtype)
     return plans
 
 
@@ -171,6 +184,27 @@ def tensor_type(name: str, shape: tuple[int, ...], weight_type: QT) -> QT:
     if weight_type == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0] != 0:
         return QT.F16
     return weight_type
+
+
+def kept_types(names: list[str], keep: dict[str, str] | None) -> dict[str, QT]:
+    """GGUF tensor name -> type for export.embedding_type ("embedding") and export.output_type ("output").
+
+    A model whose output head is tied to its embedding (Gemma) stores one tensor, token_embd.weight, that is
+    both: either key sets it, and the two may not disagree."""
+    keep = {role: t for role, t in (keep or {}).items() if t}
+    for role, t in keep.items():
+        if role not in ("embedding", "output") or t not in TENSOR_QTYPES:
+            raise GGUFExportError(f"cannot keep the {role} tensor at {t!r}",
+                                  f"use export.embedding_type / export.output_type with one of {', '.join(TENSOR_QTYPES)}")
+    if OUTPUT not in names:  # tied: the embedding is the output head too
+        if len(set(keep.values())) > 1:
+            raise GGUFExportError(
+                f"export.embedding_type is {keep['embedding']} but export.output_type is {keep['output']}, and this "
+                "model's output head is its embedding (one tensor, tied)", "set one of the two, or both the same")
+        chosen = keep.get("embedding") or keep.get("output")
+        return {EMBEDDING: TENSOR_QTYPES[chosen]} if chosen and EMBEDDING in names else {}
+    roles = {"embedding": EMBEDDING, "output": OUTPUT}
+    return {roles[role]: TENSOR_QTYPES[t] for role, t in keep.items() if roles[role] in names}
 
 
 def tensor_nbytes(p: TensorPlan) -> int:

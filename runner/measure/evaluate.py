@@ -78,13 +78,19 @@ def torch_model(target: Path, kind: str, log):
 
 
 def evaluate_target(target: Path, recipe_path: Path | None = None, stage: str | None = None, data: str | None = None,
-                    batch_size: int = 4, overrides: list[str] | None = None, log=print) -> dict:
+                    batch_size: int = 4, overrides: list[str] | None = None, log=print, quant: str | None = None) -> dict:
+    """`quant`: score the run's GGUF of that type (RunDir.find_gguf) instead of its final adapter."""
     from transformers import AutoTokenizer
 
     kind = _kind(target)
     recipe = load_recipe(recipe_path, overrides or []) if recipe_path else None
     if recipe is None and kind == "run":
         recipe = RunDir(target).load_recipe()
+    if quant is not None:
+        if kind != "run":
+            raise TunebookError(f"--quant {quant} picks among a run's GGUFs, but {target} is not a run directory\n"
+                                "    fix: pass the run directory, or the .gguf file itself without --quant")
+        target, kind = RunDir(target).find_gguf(quant), "gguf"
     tok_dir = tokenizer_dir(target, kind)
     if tok_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)

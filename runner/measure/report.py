@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.report import (StageRow, compare_report, generation_section, plot_curves, quantization_section, run_report,
-                         targets_table)
+from eval.report import (ExportRow, StageRow, compare_report, exports_table, generation_section, plot_curves,
+                         quantization_section, run_report, targets_table)
 
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import Recipe
-from ..run_dir import RunDir, content_identity
+from ..run_dir import RunDir, content_identity, file_identity
 from ..train.metrics import read_metrics
 from .targets import check_targets
 
@@ -59,6 +59,11 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     run_time = run_time_section(recipe, run, wall_s, quality)
     if run_time:
         sections["Run time"] = run_time
+    exports = export_rows(recipe, run)
+    if quality and exports:
+        sections["Exported GGUF files"] = (exports_table(exports, quality["stage"]) + "\n\nThe first is the one "
+                                           "`tunebook chat` serves; `tunebook chat RUN --quant TYPE` serves another. "
+                                           "Tokens/s: greedy generation on this machine, through the chat engine.")
     if quality:
         sections["Quantization check"] = quantization_section(quality["quantization"], quality["stage"])
         sections["Sample answers"] = generation_section(quality["generation"], quality["stage"],
@@ -66,8 +71,23 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     return sections
 
 
+def export_rows(recipe: Recipe, run: RunDir) -> list[ExportRow]:
+    """The recipe's export types, the served one first, with their files and checks."""
+    quants = recipe.export.quants if recipe.export else []
+    rows = []
+    for i, quant in enumerate(quants):
+        gguf = run.gguf(recipe.name, quant)
+        quality = _read(run.quality_of(None if i == 0 else quant))
+        if quality and quality.get("gguf") != gguf.name:
+            quality = None  # checks of another file (the recipe's list changed since)
+        rows.append(ExportRow(quant, gguf.name, gguf.stat().st_size if gguf.is_file() else None, quality))
+    return rows
+
+
 def report_inputs(recipe: Recipe, run: RunDir) -> dict:
-    return {"recipe": content_identity(run.recipe_file),
+    quants = recipe.export.quants if recipe.export else []
+    exports = {q: [file_identity(run.gguf(recipe.name, q)), content_identity(run.quality_of(q))] for q in quants[1:]}
+    return {"recipe": content_identity(run.recipe_file), **({"exports": exports} if exports else {}),
             "stages": {s.name: content_identity(run.stage(s.name).metrics) for s in recipe.stages},
             "outcomes": {s.name: run.stage(s.name).identity() for s in recipe.stages},
             **{name: content_identity(path) for name, path in (("forgetting", run.forgetting_file),

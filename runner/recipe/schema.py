@@ -124,13 +124,44 @@ class StageConfig(Strict):
     train: TrainConfig = TrainConfig()
 
 
-# GGUF types the export writes (runner/export/gguf_writer.py maps each to its tensor types)
-QUANTS = ("q8_0", "f16", "f32")
+# GGUF types a recipe may export: the pure-Python writer's (runner/export/gguf_writer.py), then those llama.cpp's
+# own quantizer makes from the writer's full-precision file (runner/export/llama_quant.py)
+WRITER_QUANTS = ("q8_0", "f16", "bf16", "f32")
+LLAMA_CPP_QUANTS = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q5_0", "q4_0", "iq4_xs", "iq4_nl")
+QUANTS = WRITER_QUANTS + LLAMA_CPP_QUANTS
+# what export.embedding_type / export.output_type may keep a tensor at
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 class ExportConfig(Strict):
-    quantization: Literal[QUANTS] = "q8_0"  # type: ignore[valid-type]
+    # one type or a list; the first is the one `tunebook chat` and `tunebook eval --quant` use by default
+    quantization: str | list[str] = "q8_0"
+    # the token embedding (which is also the output head when the two are tied) and the output head, kept
+    # at this type instead of the quantization's own choice; None: the type's own rule
+    embedding_type: Literal[TENSOR_TYPES] | None = None  # type: ignore[valid-type]
+    output_type: Literal[TENSOR_TYPES] | None = None  # type: ignore[valid-type]
     verify: bool = True
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _quantization(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"expected a GGUF type or a list of them (e.g. [q8_0, q4_k_m]), got {_describe(value)}")
+        for name in names:
+            if name not in QUANTS:
+                guess = did_you_mean(name, list(QUANTS))
+                raise ValueError(f"'{name}' is not a GGUF type tunebook exports: "
+                                 + (f"did you mean '{guess}'? " if guess else "") + "allowed: " + ", ".join(QUANTS))
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice: list each type once")
+        return value
+
+    @property
+    def quants(self) -> list[str]:
+        """The types to export, the served one first."""
+        return [self.quantization] if isinstance(self.quantization, str) else list(self.quantization)
 
 
 class TargetsConfig(Strict):
