@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
-# Set-up is idempotent: .venv/.installed is rebuilt only when pyproject.toml changes.
+# Set-up is idempotent: .venv/.installed is rebuilt only when pyproject.toml or constraints.txt changes.
+# constraints.txt holds the versions installed: a fresh resolve of the ranges alone is too deep for pip.
 PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -42,9 +43,9 @@ $(BIN)/python:
 
 # torch first, from its CPU wheel, so nothing later pulls a multi-GB CUDA build.
 # Elsewhere: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" make setup
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test]" -c constraints.txt
 	touch $(STAMP)
 
 # Debian's chromium for the browser tests (never `playwright install`).
