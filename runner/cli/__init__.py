@@ -12,8 +12,10 @@ from .chat import chat
 from .data import data
 from .eval import eval_
 from .export import compare, export
+from .garbage import gc
 from .options import err
 from .recipe import plan, validate
+from .sweep import sweep
 from .train import train
 
 app = typer.Typer(
@@ -24,8 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("eval", eval_),
-                      ("export", export), ("compare", compare), ("chat", chat), ("export-config", export_config)):
+for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("sweep", sweep),
+                      ("eval", eval_), ("export", export), ("compare", compare), ("gc", gc), ("chat", chat),
+                      ("export-config", export_config)):
     app.command(name)(command)
 
 

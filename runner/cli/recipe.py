@@ -38,7 +38,9 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
 
 def plan(recipe_path: RecipeArg, set_: SetOpt = None,
          ranks: Annotated[int | None, typer.Option(help="Ranks to plan for (default: this launch's world size).")] = None) -> None:
-    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget."""
+    """Print the resolved recipe (every default filled in); per stage, steps, batch and token budget; and what
+`tunebook train` would do in the run directory: per stage reuse, resume or train, per artifact reuse or make,
+and why (the keys that changed, --set overrides included)."""
     from eval.numbers import number_text
 
     from ..recipe import load_recipe
@@ -74,3 +76,23 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
+    out.print(rerun_table(recipe, ranks))
+
+
+def rerun_table(recipe, ranks: int | None) -> Table:
+    """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
+    from ..run_dir import RunDir
+    from ..train.fingerprint import stage_fingerprints
+    from ..train.rerun import plan_artifacts, plan_stages
+
+    run = RunDir.of(recipe)
+    steps = plan_stages(recipe, run, stage_fingerprints(recipe, ranks))
+    table = Table(title=f"What `tunebook train` does in {run}", title_justify="left")
+    for column in ("", "action", "version", "why"):
+        table.add_column(column, overflow="fold")
+    for step in steps:
+        done = f" ({step.steps_done} steps)" if step.action in ("reuse", "resume") else ""
+        table.add_row(f"stage {step.name}", step.action + done, step.fingerprint.digest, step.why)
+    for artifact in plan_artifacts(recipe, run, steps):
+        table.add_row(artifact.label, artifact.action, "", artifact.why)
+    return table
