@@ -33,13 +33,14 @@ def expand_grid(sets: list[str]) -> list[list[str]]:
     """The variants of a sweep: [['stages.1.train.learning_rate=1e-4'], ['stages.1.train.learning_rate=3e-4']]."""
     axes = []
     for expr in sets:
-        parse_set(expr)  # the form KEY.PATH=VALUE, with its own clear error
-        key, _, raw = expr.partition("=")
+        key, equals, raw = expr.partition("=")
         values = split_values(raw)
-        if any(not v for v in values):
+        if equals and any(not v for v in values):
             raise RecipeError([Problem(Loc(f"--set {expr}"), key.strip(), "an empty value in the list of values",
                                        "separate values with single commas, e.g. --set lr=1e-4,3e-4")])
         axes.append([f"{key.strip()}={v}" for v in values])
+        for one in axes[-1] if equals else [expr]:
+            parse_set(one)  # the form KEY.PATH=VALUE and a readable value, with their own clear errors
     return [list(combo) for combo in itertools.product(*axes)]
 
 
