@@ -68,5 +68,5 @@ def test_sweep_trains_the_shared_stage_once_and_names_the_best_variant(tmp_path,
     assert report.count("forgetting matrix (validation perplexity)") == 2
     assert (folder / "vet-compare-perplexity.png").stat().st_size > 5000
     printed = capsys.readouterr().out
-    assert "general reused 0 steps" in printed and "general trained 6 steps" in printed
+    assert "general reused, 0 steps trained" in printed and "general trained 6 steps" in printed
     assert "export it: tunebook train" in printed

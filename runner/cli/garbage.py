@@ -24,14 +24,14 @@ def gc(
     names = [s.name for s in folder.load_recipe().stages]
     paths = folder.garbage(names, old_versions=old_versions)
     if not paths:
-        out.print(f"nothing to delete in {folder}", highlight=False)
+        out.print(f"nothing to delete in {folder}", highlight=False, soft_wrap=True)
         return
     sizes = {p: folder.size(p) for p in paths}
     for path in paths:
-        out.print(f"{sizes[path] / 2**20:9.1f} MiB  {path}", highlight=False)
+        out.print(f"{sizes[path] / 2**20:9.1f} MiB  {path}", highlight=False, soft_wrap=True)
     total = sum(sizes.values()) / 2**20
     if dry_run:
-        out.print(f"would free {total:.1f} MiB ({len(paths)} item(s)); run without --dry-run to delete", highlight=False)
+        out.print(f"would free {total:.1f} MiB ({len(paths)} item(s)); run without --dry-run to delete", highlight=False, soft_wrap=True)
         return
     folder.remove(paths)
-    out.print(f"freed {total:.1f} MiB ({len(paths)} item(s))", highlight=False)
+    out.print(f"freed {total:.1f} MiB ({len(paths)} item(s))", highlight=False, soft_wrap=True)

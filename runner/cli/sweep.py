@@ -27,7 +27,7 @@ def sweep(
     """Train every combination of the `--set KEY=V1,V2,...` values (a key with one value is set in all), reusing
     the stages variants share, then write the comparison (table, curves, forgetting per variant) and name the
     best variant by --objective within the --max bounds."""
-    from ..measure.sweep import parse_goal, variant_record, write_sweep_report
+    from ..measure.sweep import parse_goal, trained_text, variant_record, write_sweep_report
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
     from ..recipe.grid import expand_grid, swept
@@ -49,13 +49,12 @@ def sweep(
         records.append(variant_record(recipe, run, sets, before))
         report, chosen = write_sweep_report(recipe_path, records, swept(set_ or []), goal, folder)
     for i, record in enumerate(records):
-        done = ", ".join(f"{name} {'reused' if st['action'] == 'reuse' else 'trained'} {st['trained_steps']} steps"
-                         for name, st in record["stages"].items())
-        out.print(f"variant {i + 1} ({' '.join(record['sets'])}): {done}", highlight=False)
+        done = ", ".join(f"{name} {trained_text(st)}" for name, st in record["stages"].items())
+        out.print(f"variant {i + 1} ({' '.join(record['sets'])}): {done}", highlight=False, soft_wrap=True)
     if chosen is None:
-        out.print(f"no variant meets the bounds; comparison: {report}", highlight=False)
+        out.print(f"no variant meets the bounds; comparison: {report}", highlight=False, soft_wrap=True)
         return
     sets = " ".join(f"--set {e}" for e in records[chosen]["sets"])
     out.print(f"chosen: variant {chosen + 1} ({goal.name} "
               f"{records[chosen]['stages'][goal.objective[0]]['metrics'][goal.objective[1]]:.4f}); comparison: {report}\n"
-              f"export it: tunebook train {recipe_path} {sets}", highlight=False)
+              f"export it: tunebook train {recipe_path} {sets}", highlight=False, soft_wrap=True)

@@ -93,6 +93,13 @@ def variant_record(recipe: Recipe, run: RunDir, sets: list[str], before: list) -
     return {"sets": sets, "run": str(run.path), "stages": stages, "forgetting": forgetting}
 
 
+def trained_text(stage: dict) -> str:
+    """What this sweep did to a stage of a variant: 'trained 24 steps', 'resumed: 12 steps', 'reused, 0 steps trained'."""
+    if stage["action"] == "reuse":
+        return "reused, 0 steps trained"
+    return f"{'trained' if stage['action'] == 'train' else 'resumed:'} {stage['trained_steps']} steps"
+
+
 def choose(variants: list[dict], goal: Goal) -> int | None:
     """The index of the best variant within the bounds, None when no variant meets them."""
     def value(v: dict, stage: str, name: str):
@@ -131,8 +138,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         within = all((v["stages"][s]["metrics"].get(m) is not None and v["stages"][s]["metrics"][m] <= limit)
                      for s, m, limit in goal.bounds)
         rows.append([str(i + 1)] + [values.get(k, "") for k in keys]
-                    + [f"{st['version'][:8]} ({'reused' if st['action'] == 'reuse' else 'trained'} "
-                       f"{st['trained_steps']} steps)" for st in v["stages"].values()]
+                    + [f"{st['version'][:8]} ({trained_text(st)})" for st in v["stages"].values()]
                     + [_metric(v, c) for c in columns]
                     + ["yes" if within else "**no**", "**←**" if i == chosen else ""])
     bounds = ", ".join(f"{s}.{m} ≤ {limit:g}" for s, m, limit in goal.bounds)
