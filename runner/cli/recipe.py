@@ -76,17 +76,23 @@ and why (the keys that changed, --set overrides included)."""
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
-    out.print(rerun_table(recipe, ranks))
+    out.print(rerun_table(recipe, ranks), highlight=False)
 
 
-def rerun_table(recipe, ranks: int | None) -> Table:
+def rerun_table(recipe, ranks: int | None) -> Table | str:
     """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
     from ..run_dir import RunDir
     from ..train.fingerprint import stage_fingerprints
     from ..train.rerun import plan_artifacts, plan_stages
 
     run = RunDir.of(recipe)
-    steps = plan_stages(recipe, run, stage_fingerprints(recipe, ranks))
+    if not run.is_run():
+        return f"No run in {run} yet: `tunebook train` trains every stage, then makes what follows them."
+    try:
+        prints = stage_fingerprints(recipe, ranks)
+    except TunebookError as exc:  # e.g. a data source that cannot be read here: train would stop on it too
+        return f"Cannot compare with the run in {run}: {exc}"
+    steps = plan_stages(recipe, run, prints)
     table = Table(title=f"What `tunebook train` does in {run}", title_justify="left")
     for column in ("", "action", "version", "why"):
         table.add_column(column, overflow="fold")
