@@ -21,6 +21,7 @@ it. It holds three things:
     runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/made-from.json                      what each artifact above was made from
+    runs/<name>/sweep/                              `tunebook sweep`'s comparison of variants
 """
 from __future__ import annotations
 
@@ -234,7 +235,8 @@ class RunDir:
         folder = self.path / name
         target = self.version(name, version)
         if target.exists():
-            raise TunebookError(f"{folder} and {target.path} both exist\n    fix: move one of them out of the run")
+            raise TunebookError(f"{folder} and {target.path} both exist (a run copied without its links?)\n"
+                                f"    fix: move {folder} out of the run; {name} is then linked to {target.path.name}")
         outcome = StageDir(folder).outcome()
         old, new = str(folder.resolve()), str(target.path.resolve())
         os.replace(folder, target.path)
