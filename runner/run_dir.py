@@ -18,7 +18,7 @@ it. It holds three things:
     runs/<name>/forgetting.json                     every stage's validation set scored after every stage
     runs/<name>/merged/                             the final model, adapters merged in (safetensors)
     runs/<name>/<name>-<quant>.gguf                 the exported model, its chat template inside
-    runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
+    runs/<name>/quality.json, wall.json             checks of the served model; wall time of the last training
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/made-from.json                      what each artifact above was made from
     runs/<name>/sweep/                              `tunebook sweep`'s comparison of variants
