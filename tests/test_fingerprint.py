@@ -77,3 +77,15 @@ def test_what_changed_names_keys_as_set_spells_them(path):
     old = stage_fingerprints(load_recipe(path), ranks=1)["vet"].inputs
     new = stage_fingerprints(load_recipe(path, ["stages.1.train.learning_rate=1e-4", "lora.r=8"]), ranks=1)["vet"].inputs
     assert what_changed(old, new, 1) == ["lora.r: 4 -> 8", "stages.1.train.learning_rate: 0.005 -> 1e-4"]
+
+
+def test_a_data_section_is_digested_whole_whatever_its_shape(path):
+    """A list of sources is more content; an item naming another stage stands for that stage's data."""
+    from runner.train.fingerprint import data_identity, source_identity
+
+    recipe = load_recipe(path)
+    mixed = data_identity([{"source": "vet.jsonl", "weight": 0.9}, {"stage": "general", "weight": 0.1}], recipe)
+    assert mixed[0] == {"source": source_identity("vet.jsonl", path.parent), "weight": 0.9}
+    assert mixed[1]["stage"]["name"] == "general"
+    assert mixed[1]["stage"]["data"]["source"] == source_identity("general.jsonl", path.parent)
+    assert mixed[1]["stage"]["data"]["source"].startswith("sha256:") and mixed[0]["source"] != mixed[1]["stage"]["data"]["source"]

@@ -56,10 +56,11 @@ def stage_fingerprints(recipe: Recipe, ranks: int | None = None) -> dict[str, Fi
     prints: dict[str, Fingerprint] = {}
     previous: Fingerprint | None = None
     for stage in recipe.stages:
-        train = stage.train.model_dump(mode="json")
+        section = stage.model_dump(mode="json")  # `data` whatever its shape: one source, or a list of them
+        train = section["train"]
         for key in TRAIN_OUT + (() if stage.train.keep == "best" else ("eval_steps",)):
             train.pop(key)
-        inputs = {**common, "init": stage.init, **_flat("data", data_identity(stage.data.model_dump(mode="json"), recipe)),
+        inputs = {**common, "init": stage.init, **_flat("data", data_identity(section["data"], recipe)),
                   **_flat("train", train)}
         if stage.init in ("continue", "merge") and previous is not None:
             inputs[PREVIOUS] = previous.digest
@@ -79,7 +80,7 @@ def data_identity(data, recipe: Recipe, _seen: tuple[str, ...] = ()):
         out["source"] = source_identity(data["source"], recipe.base_dir, data.get("subset"), data.get("split") or "train")
     other = data.get("stage")
     if isinstance(other, str) and other not in _seen and any(s.name == other for s in recipe.stages):
-        out["stage"] = {"name": other, "data": data_identity(recipe.stage(other).data.model_dump(mode="json"), recipe,
+        out["stage"] = {"name": other, "data": data_identity(recipe.stage(other).model_dump(mode="json")["data"], recipe,
                                                              _seen + (other,))}
     return out
 
