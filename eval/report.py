@@ -28,6 +28,9 @@ class StageRow:
     grad_accum: int
     backend: str
     evals: list[dict]   # metrics rows that carry eval_loss, in step order
+    version: str = ""   # the stage version (its fingerprint), when the run keeps versions
+    note: str = ""      # e.g. "current", or what was edited since this version
+    current: bool = True
 
     @property
     def best(self) -> dict | None:
@@ -35,7 +38,7 @@ class StageRow:
 
     @property
     def label(self) -> str:
-        return f"{self.run}/{self.stage}"
+        return f"{self.run}/{self.stage}" + ("" if self.current else f"@{self.version[:8]}")
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -55,8 +58,9 @@ def _pct(x: float) -> str:
 def comparison_table(rows: list[StageRow]) -> str:
     """The seed's table; 'Δ ppl' compares a row's best perplexity with the previous row of the same stage
     name (the same validation data), e.g. the 1B run's `general` and the 3B run's `general`."""
+    versions = any(row.note for row in rows)
     head = ("| run | stage | model | backend | LoRA r | alpha | learning rate | micro batch | grad accum | "
-            "lowest val loss | best perplexity | step of best | Δ ppl vs previous run |")
+            "lowest val loss | best perplexity | step of best | Δ ppl vs previous run |" + (" version |" if versions else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     previous: dict[str, float] = {}
     for row in rows:
@@ -67,7 +71,8 @@ def comparison_table(rows: list[StageRow]) -> str:
         lines.append(f"| {row.run} | {row.stage} | {row.model} | {row.backend} | {row.r} | {number_text(row.alpha)} | "
                      f"{number_text(row.learning_rate)} | {row.micro_batch} | {row.grad_accum} | "
                      f"{_num(best['eval_loss'] if best else None)} | {_num(ppl, 3)} | "
-                     f"{best['step'] if best else '–'} | {delta} |")
+                     f"{best['step'] if best else '–'} | {delta} |"
+                     + (f" {row.version[:8]} ({row.note}) |" if versions else ""))
         if ppl is not None:
             previous[row.stage] = ppl
     return "\n".join(lines)
@@ -101,7 +106,7 @@ def plot_curves(rows: list[StageRow], prefix: str = "") -> dict[str, bytes]:
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        images[f"{prefix}{row.run}-{row.stage}-curves.png"] = _png(fig)
+        images[f"{prefix}{row.label.replace('/', '-')}-curves.png"] = _png(fig)
     for key, ylabel, name in (("eval_loss", "validation loss (nats/token)", "val-loss"),
                               ("eval_ppl", "perplexity (exp of loss)", "perplexity")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -186,6 +191,11 @@ def generation_section(g: dict, stage: str, val_examples: int) -> str:
     return "\n".join(lines).rstrip()
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def targets_table(rows: list[tuple[str, str, bool]]) -> str:
     """(target, what was measured, met) rows as a table; empty when there are none."""
     if not rows:
@@ -211,7 +221,10 @@ def run_report(rows: list[StageRow], forgetting: dict | None, sections: dict[str
 def compare_report(rows: list[StageRow], images: list[str]) -> str:
     parts = ["# Run comparison", "", comparison_table(rows), "",
              "Validation loss is the token-weighted mean negative log-likelihood over assistant tokens; "
-             "perplexity = exp(loss). Δ ppl is the change of best perplexity from the row above.", ""]
+             "perplexity = exp(loss). Δ ppl is the change of best perplexity from the row above."
+             + (" A stage trained in several versions (edited and rerun) has one row per version, oldest first; "
+                "`version` names its fingerprint and what was edited after it." if any(r.note for r in rows) else ""),
+             ""]
     for image in images:
         parts += [f"![{image.rsplit('.', 1)[0]}]({image})", ""]
     return "\n".join(parts)

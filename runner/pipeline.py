@@ -1,6 +1,7 @@
 """A recipe's stages in order, in one run directory, each handed to its backend; then what is made from them.
 
-Finished stages are skipped, an unfinished one resumes from its last checkpoint, and everything that can fail
+Each stage is a version named by its fingerprint (runner/train/rerun.py): a finished version is reused, an
+unfinished one resumes from its last checkpoint, a new one trains beside the old ones; everything that can fail
 cheaply (the recipe, the base model, the data) fails before any training starts. After the last stage the
 forgetting matrix, the export, the quality checks and the report are made, each only when it is not up to
 date (runner/run_dir.py's freshness rule), and the trackers the recipe lists get what is new (runner/share).
@@ -17,11 +18,12 @@ from .errors import Interrupted, TunebookError
 from .recipe import Recipe
 from .recipe.resolved import resolved_yaml
 from .run_dir import RunDir, StageOutcome
+from .train.rerun import adopt_unversioned, select_versions
 from .launch import is_main_process, main_process_first, part
 
 
-def prepare_run_dir(recipe: Recipe) -> RunDir:
-    """Create the run directory (or check an existing one belongs to this recipe) and record the recipe."""
+def prepare_run_dir(recipe: Recipe, log=print) -> RunDir:
+    """Create the run directory and record the recipe (an edited one too: its stages are new versions)."""
     run = RunDir.of(recipe)
     try:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -33,32 +35,11 @@ def prepare_run_dir(recipe: Recipe) -> RunDir:
                             "    fix: set output_dir to a folder you can write to (--set output_dir=...)") from None
     anchored = recipe.anchored()
     resolved = resolved_yaml(anchored)
-    started = any(run.stage(s.name).exists() for s in recipe.stages)
-    if run.recipe_file.is_file() and started and not _same_training(run, anchored, resolved):
-        raise TunebookError(f"{run} holds a run of a different version of recipe '{recipe.name}'; resuming it "
-                            "with other settings would mix two experiments\n"
-                            f"    fix: give this run its own name (--set name={recipe.name}-2) or delete {run}")
     if is_main_process():
+        adopt_unversioned(run, log)  # stage folders from before versions, while recipe.yaml still describes them
         atomic.write_text(run.recipe_file, resolved)
         atomic.write_text(run.resolved_file, resolved_yaml(anchored, provenance=True))
     return run
-
-
-def _same_training(run: RunDir, recipe: Recipe, resolved: str) -> bool:
-    """The recorded recipe and this one train the same: equal, or different only in what is made after training
-    (`export`: adding a GGUF type to a finished run exports that type alone) or where results are reported
-    (`report_to`)."""
-    if run.recipe_file.read_text() == resolved:
-        return True
-    from .recipe import load_recipe
-
-    try:
-        before = load_recipe(run.recipe_file)
-    except TunebookError:
-        return False
-    after_training = {"export": None, "report_to": []}
-    return resolved_yaml(before.model_copy(update=after_training)) == resolved_yaml(
-        recipe.model_copy(update=after_training))
 
 
 def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tuple[dict[str, StageOutcome], list]:
@@ -81,8 +62,9 @@ def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tupl
     return done, todo
 
 
-def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> list[StageOutcome]:
-    """Run the recipe's stages (or one of them), then make what is made from them; return the outcomes."""
+def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, export: bool = True) -> list[StageOutcome]:
+    """Run the recipe's stages (or one of them), then make what is made from them (without the export and its
+    checks when `export` is false); return the outcomes."""
     from .data.prepare import prepare_stage
     from .model.base import load_tokenizer
     from .model.load import check_fits, check_quantization, model_source, resolve_dtype, trainable_token_ids
@@ -98,7 +80,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
     if is_main_process():
         check_trackers(recipe)  # an unreachable tracker fails now, not after the training
     check_quantization(recipe.model)
-    run = prepare_run_dir(recipe)
+    run = prepare_run_dir(recipe, log)
     with main_process_first():
         model_ref = model_source(recipe.model, recipe.base_dir, log)
     check_fits(model_ref, recipe.model, resolve_dtype(recipe.model))
@@ -107,6 +89,8 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
         tokenizer.pad_token = tokenizer.eos_token
     trainable_token_ids(recipe.lora, tokenizer)  # a misspelled token fails now, not after the base is loaded
 
+    with main_process_first():
+        select_versions(recipe, run, log)  # each stage's fingerprint: reuse, resume or train
     outcomes, todo = stages_to_train(recipe, run, only_stage)
     # Data first, for every stage: a dataset with no trainable token fails before any training. Finished
     # stages come from the cache; their validation sets feed the forgetting matrix.
@@ -136,16 +120,16 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
                 log(f"warning: {exc}")
     part()  # from here on the main process works alone
     if only_stage is None and all(s.name in outcomes for s in recipe.stages) and is_main_process():
-        finish_run(recipe, run, model_ref, tokenizer, prepared, log,
-                   wall_start=started if len(todo) == len(recipe.stages) else None)
+        finish_run(recipe, run, model_ref, tokenizer, prepared, log, wall_start=started,
+                   trained=[s.name for s in todo], export=export)
     return [outcomes[s.name] for s in recipe.stages if s.name in outcomes]
 
 
 def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared: dict, log=print,
-               wall_start: float | None = None) -> None:
+               wall_start: float | None = None, trained: list[str] | None = None, export: bool = True) -> None:
     """After the last stage: the forgetting matrix (several stages), the export and its quality checks (when the
-    recipe asks), the report; each made only when it is not up to date. `wall_start`: when this command
-    started, if it trained every stage (the report then gives the run's wall time)."""
+    recipe asks and `export`), the report; each made only when it is not up to date. `wall_start`: when this
+    command started, and `trained`, the stages it trained (the report gives its wall time)."""
     from .measure.forgetting import forgetting_matrix
     from .measure.quality import check_exports
     from .measure.report import write_run_report
@@ -154,14 +138,15 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     if len(recipe.stages) > 1:
         forgetting_matrix(recipe, run, model_ref, {k: v.val for k, v in prepared.items()}, tokenizer.pad_token_id,
                           log=log)
-    if recipe.export is not None:
+    if recipe.export is not None and export:
         from .export.to_gguf import export_types
 
         ggufs = export_types(run, log=log)  # each type the recipe lists; only those not up to date are made
         last = recipe.stages[-1]
         if prepared[last.name].val:
             check_exports(run, ggufs, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
-    if wall_start is not None:
-        atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
+    if wall_start is not None and trained:
+        atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1),
+                                                     "trained": trained or []}) + "\n")
     write_run_report(recipe, run, log=log)
     track(recipe, run, log)

@@ -5,28 +5,37 @@ it. It holds three things:
 
 - the layout: `RunDir` (the run) and `StageDir` (one stage), one attribute per file or folder;
 - the stage outcome (`stage.json`): what a finished or interrupted stage leaves for the next one;
+- stage versions: one folder per fingerprint, `<stage>@<fingerprint>/`, and `<stage>`, a link to the one the
+  recipe uses now. An edit never overwrites a stage: it trains a new version beside the old one;
 - the freshness rule: an artifact (the forgetting matrix, the merged model, a GGUF, the quality checks,
   the report) is up to date exactly when the inputs recorded beside it, in `made-from.json`, equal its
   inputs now. `RunDir.fresh`, `RunDir.making` and `RunDir.stale_because` are the whole rule.
 
     runs/<name>/recipe.yaml, recipe.resolved.yaml   the recipe as trained (+ package versions, git commit)
-    runs/<name>/<stage>/                            adapter/, checkpoints/, metrics.jsonl, stage.json, ...
+    runs/<name>/<stage>@<fingerprint>/              one version of a stage: fingerprint.json, adapter/,
+                                                    checkpoints/, metrics.jsonl, stage.json, ...
+    runs/<name>/<stage> -> <stage>@<fingerprint>    the version the run's recipe uses now
     runs/<name>/forgetting.json                     every stage's validation set scored after every stage
     runs/<name>/merged/                             the final model, adapters merged in (safetensors)
     runs/<name>/<name>-<quant>.gguf                 an exported model, its chat template inside (one per type)
     runs/<name>/<name>-<quant>.Modelfile            the same model for Ollama (`ollama create NAME -f ...`)
-    runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
+    runs/<name>/quality.json, wall.json             checks of the served model; wall time of the last training
     runs/<name>/quality-<quant>.json                the same checks of another exported type
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/tensorboard/                        the run's own numbers as TensorBoard events (report_to)
     runs/<name>/trackers/                           what was sent to each experiment tracker, and where
     runs/<name>/hub/, space/                        what `tunebook push` uploads; the Space `tunebook space` writes
     runs/<name>/made-from.json                      what each artifact above was made from
+    runs/<name>/sweep/                              `tunebook sweep`'s comparison of variants
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +47,7 @@ RECIPE = "recipe.yaml"
 GGUF_SUFFIX = ".gguf"
 ROOT = Path("runs")                # where recipes put their runs by default (output_dir)
 COMPARE_DIR = ROOT / "compare"     # where `tunebook compare` writes by default
+VERSION_MARK = "@"                 # <stage>@<fingerprint>: a character no stage name may contain
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -71,11 +81,12 @@ class StageOutcome:
 
 
 class StageDir:
-    """runs/<name>/<stage>/: one stage's files."""
+    """One stage's files: runs/<name>/<stage>@<fingerprint>/ (a version), or runs/<name>/<stage> (the link to
+    the current version, or the stage folder of a run made before versions)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = self.path.name.split(VERSION_MARK)[0]
 
     adapter = property(lambda self: self.path / "adapter")             # peft adapter + tokenizer + template
     best_adapter = property(lambda self: self.path / "best-adapter")   # the best evaluated one (keep: best)
@@ -83,6 +94,7 @@ class StageDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
     outcome_file = property(lambda self: self.path / "stage.json")
+    fingerprint_file = property(lambda self: self.path / "fingerprint.json")  # what decided this version
 
     def work(self, backend: str) -> Path:
         """Where another trainer (axolotl, unsloth) keeps its own files for this stage."""
@@ -114,8 +126,29 @@ class StageDir:
         data["lineage"] = [_portable(p, run) for p in outcome.lineage]
         atomic.write_text(self.outcome_file, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
+    @property
+    def version(self) -> str | None:
+        """The fingerprint of the version this folder (or link) holds; None for a stage without versions."""
+        real = self.path.resolve().name if self.path.is_symlink() else self.path.name
+        return real.split(VERSION_MARK, 1)[1] if VERSION_MARK in real else None
+
+    def fingerprint(self) -> dict | None:
+        """The saved record of this version: {"fingerprint", "stage", "created", "inputs", "settings"}."""
+        try:
+            return json.loads(self.fingerprint_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_fingerprint(self, record: dict) -> None:
+        atomic.write_text(self.fingerprint_file, json.dumps({**record, "created": time.time()}, indent=1,
+                                                            sort_keys=True, default=str) + "\n")
+
     def identity(self) -> str | None:
-        """A digest of stage.json: changes whenever the stage is trained again."""
+        """What every artifact made from this stage records: its fingerprint (the same inputs give the same
+        weights); a digest of stage.json for a stage trained before fingerprints."""
+        record = self.fingerprint()
+        if record and record.get("fingerprint") and self.outcome_file.is_file():
+            return record["fingerprint"]
         return _digest(self.outcome_file)
 
 
@@ -159,6 +192,7 @@ class RunDir:
     quality_file = property(lambda self: self.path / "quality.json")
     wall_file = property(lambda self: self.path / "wall.json")
     report = property(lambda self: self.path / "report.md")
+    sweep_dir = property(lambda self: self.path / "sweep")                # `tunebook sweep`'s comparison
     ledger = property(lambda self: self.path / "made-from.json")
     tensorboard = property(lambda self: self.path / "tensorboard")     # run-level events (stages have their own)
     trackers = property(lambda self: self.path / "trackers")           # tracker records; W&B's local files
@@ -166,7 +200,102 @@ class RunDir:
     space_folder = property(lambda self: self.path / "space")          # `tunebook space` writes here by default
 
     def stage(self, name: str) -> StageDir:
+        """The version of stage `name` the run uses now (through the link)."""
         return StageDir(self.path / name)
+
+    # ------------------------------------------------------------------------------ stage versions
+
+    def version(self, name: str, fingerprint: str) -> StageDir:
+        """One version of a stage, by fingerprint: runs/<name>/<stage>@<fingerprint>/."""
+        return StageDir(self.path / f"{name}{VERSION_MARK}{fingerprint}")
+
+    def versions(self, name: str) -> list[StageDir]:
+        """Every version of a stage kept in the run, oldest first."""
+        found = [StageDir(p) for p in self.path.glob(f"{name}{VERSION_MARK}*") if p.is_dir() and not p.is_symlink()]
+        return sorted(found, key=lambda v: ((v.fingerprint() or {}).get("created") or 0, v.path.name))
+
+    def current_version(self, name: str) -> str | None:
+        link = self.path / name
+        return StageDir(link).version if link.is_symlink() else None
+
+    def use_version(self, name: str, fingerprint: str) -> StageDir:
+        """Point runs/<name>/<stage> at a version (made if new), atomically; nothing of any version is touched."""
+        version = self.version(name, fingerprint)
+        version.path.mkdir(parents=True, exist_ok=True)
+        link = self.path / name
+        if link.is_symlink() and os.readlink(link) == version.path.name:
+            return version
+        if link.exists() and not link.is_symlink():
+            raise TunebookError(f"{link} is a folder, not the link to a stage version\n"
+                                f"    fix: move it away (tunebook keeps stage versions in {name}{VERSION_MARK}<fingerprint>)")
+        tmp = self.path / f".{name}.link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(version.path.name, tmp)
+        os.replace(tmp, link)
+        return version
+
+    def unversioned_stages(self, names: list[str]) -> list[str]:
+        """Stages of a run made before versions: a plain folder where the link belongs."""
+        return [n for n in names if (self.path / n).is_dir() and not (self.path / n).is_symlink()]
+
+    def adopt(self, name: str, version: str, record: dict | None) -> StageDir:
+        """Make a stage folder from before versions the version `version` of that stage: moved to
+        <stage>@<version>, linked, its stage.json rewritten so its paths name the moved folder."""
+        folder = self.path / name
+        target = self.version(name, version)
+        if target.exists():
+            raise TunebookError(f"{folder} and {target.path} both exist (a run copied without its links?)\n"
+                                f"    fix: move {folder} out of the run; {name} is then linked to {target.path.name}")
+        outcome = StageDir(folder).outcome()
+        old, new = str(folder.resolve()), str(target.path.resolve())
+        os.replace(folder, target.path)
+        self.use_version(name, version)
+        if outcome is not None:
+            outcome.adapter = outcome.adapter and outcome.adapter.replace(old, new, 1)
+            outcome.lineage = [p.replace(old, new, 1) for p in outcome.lineage]
+            target.save_outcome(outcome)
+        if record is not None:
+            target.save_fingerprint(record)
+        return target
+
+    def garbage(self, stages: list[str], old_versions: bool = False) -> list[Path]:
+        """What no version needs: versions neither finished nor current (abandoned mid-training), the
+        checkpoints and best-adapter copies of finished versions (kept for resuming only), leftovers of
+        interrupted writes; with `old_versions`, also finished versions the recipe no longer uses."""
+        found: list[Path] = []
+        for name in stages:
+            current = self.current_version(name)
+            for version in self.versions(name):
+                outcome = version.outcome()
+                if version.version == current:
+                    pass
+                elif outcome is None or not outcome.done or old_versions:
+                    found.append(version.path)
+                    continue
+                if outcome is not None and outcome.done:
+                    found += [p for p in (version.checkpoints, version.best_adapter) if p.exists()]
+                    found += [p for p in version.path.glob("*/output/checkpoint-*")]  # another backend's
+        found += [p for p in self.path.glob(".*") if _leftover(p.name)]
+        return found
+
+    @staticmethod
+    def size(path: Path) -> int:
+        """Bytes in a file or folder (links not followed)."""
+        path = Path(path)
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+    def remove(self, paths: list[Path]) -> None:
+        """Delete paths inside the run; never a link to a version, never anything outside the run."""
+        root = self.path.resolve()
+        for path in map(Path, paths):
+            if path.is_symlink() or not path.resolve().is_relative_to(root) or path.resolve() == root:
+                raise TunebookError(f"refusing to delete {path}: not a folder of run {self.path}")
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def gguf(self, name: str, quant: str) -> Path:
         """The exported model of recipe `name` in type `quant`."""
@@ -331,6 +460,11 @@ class RunDir:
         else:
             records[key] = inputs
         atomic.write_text(self.ledger, json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def _leftover(name: str) -> bool:
+    """A temporary name left by an interrupted atomic write or link switch (runner/atomic.py, use_version)."""
+    return bool(re.fullmatch(r"\..+\.(link-\d+|old-\d+|[A-Za-z0-9_]{8})|\.write-test-\d+", name))
 
 
 def _canonical(inputs: dict) -> dict:

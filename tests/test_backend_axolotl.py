@@ -247,7 +247,8 @@ def test_axolotl_trains_both_stages(runs):
     vet = yaml.safe_load((run_dir / "vet" / "axolotl" / "config.yaml").read_text())
     assert all(general[k] is False for k in GPU_KERNELS)  # no GPU here
     assert vet["lora_model_dir"] == str((run_dir / "general" / "adapter").resolve())
-    assert general["test_datasets"][0]["path"].endswith("general/axolotl/data/val.jsonl")
+    version = RunDir.of(recipe).stage("general").version  # the stage version's folder: general@<fingerprint>
+    assert general["test_datasets"][0]["path"].endswith(f"general@{version}/axolotl/data/val.jsonl")
 
 
 def test_axolotl_metrics_land_in_the_run_dir(runs):
@@ -266,7 +267,8 @@ def test_axolotl_metrics_land_in_the_run_dir(runs):
         best = min(evals, key=lambda r: r["eval_loss"])
         assert (outcome.best_step, outcome.best_eval_loss) == (best["step"], best["eval_loss"])
         saved = json.loads((RunDir.of(recipe).path / outcome.name / "stage.json").read_text())
-        assert saved["status"] == "done" and saved["adapter"] == f"{outcome.name}/adapter"  # relative to the run
+        version = RunDir.of(recipe).stage(outcome.name).version
+        assert saved["status"] == "done" and saved["adapter"] == f"{outcome.name}@{version}/adapter"  # relative to the run
         assert StageDir(RunDir.of(recipe).path / outcome.name).outcome().adapter == outcome.adapter
 
 

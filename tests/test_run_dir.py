@@ -137,3 +137,28 @@ def test_system_prompt_comes_from_the_run_recipe(tmp_path):
         "        You are VetAI,\n        a careful assistant.\n"
     )
     assert run.system_prompt() == "You are VetAI, a careful assistant."
+
+
+def test_stage_versions_live_side_by_side_and_the_link_names_the_current_one(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert run.current_version("vet") is None
+    for fingerprint in ("a" * 16, "b" * 16):
+        version = run.use_version("vet", fingerprint)
+        version.save_fingerprint({"fingerprint": fingerprint})
+        (version.adapter).mkdir()
+        version.save_outcome(StageOutcome("vet", "done", str(version.adapter)))
+    assert run.current_version("vet") == "b" * 16 and run.stage("vet").version == "b" * 16
+    assert [v.version for v in run.versions("vet")] == ["a" * 16, "b" * 16]
+    assert json.loads(run.version("vet", "a" * 16).outcome_file.read_text())["adapter"] == f"vet@{'a' * 16}/adapter"
+    assert run.stage("vet").identity() == "b" * 16  # what artifacts made from the stage record
+    run.use_version("vet", "a" * 16)
+    assert run.stage("vet").outcome().adapter == str(run.version("vet", "a" * 16).adapter.resolve())
+
+    (run.path / "general").mkdir()  # a stage folder from before versions is never replaced by a link
+    with pytest.raises(TunebookError, match="not the link"):
+        run.use_version("general", "c" * 16)
+    with pytest.raises(TunebookError, match="refusing to delete"):
+        run.remove([run.path / "vet"])  # the link of the current version
+    with pytest.raises(TunebookError, match="refusing to delete"):
+        run.remove([tmp_path])

@@ -79,17 +79,6 @@ def test_rerun_skips_finished_stages(trained):
     assert not any("training on" in m for m in logs)
 
 
-def test_changed_recipe_in_the_same_run_dir_is_refused(trained, tmp_path):
-    from runner.errors import TunebookError
-
-    recipe, _, _ = trained
-    changed = recipe.model_copy(deep=True)
-    changed.stages[0].train.learning_rate = 1e-3
-    changed.read_from(recipe.path)
-    with pytest.raises(TunebookError, match="different version"):
-        train_recipe(changed, log=lambda m: None)
-
-
 def test_eval_of_the_run_matches_training_and_ignores_batch_size(trained):
     from runner.measure.evaluate import evaluate_target
 

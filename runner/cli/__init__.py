@@ -19,9 +19,11 @@ from .chat import chat
 from .data import data
 from .eval import eval_
 from .export import compare, export
+from .garbage import gc
 from .options import err
 from .recipe import plan, validate
 from .share import push, space
+from .sweep import sweep
 from .train import train
 
 app = typer.Typer(
@@ -43,9 +45,9 @@ def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show
     quiet_libraries(not verbose)
 
 
-for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("eval", eval_),
-                      ("export", export), ("compare", compare), ("chat", chat), ("export-config", export_config),
-                      ("push", push), ("space", space)):
+for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("sweep", sweep),
+                      ("eval", eval_), ("export", export), ("compare", compare), ("gc", gc), ("chat", chat),
+                      ("export-config", export_config), ("push", push), ("space", space)):
     app.command(name)(command)
 
 

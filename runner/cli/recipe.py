@@ -67,7 +67,9 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
                                                           "to check the recipe against.", show_default=False)] = None,
          schema_only: SchemaOnlyOpt = False) -> None:
     """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget, after
-    the checks of `validate`; with --profile, what the launch does with it and what would make it fail (exit 2)."""
+    the checks of `validate`; what `tunebook train` would do in the run directory (per stage reuse, resume or
+    train, per artifact reuse or make, and why: the keys that changed, --set overrides included); with --profile,
+    what the launch does with it and what would make it fail (exit 2)."""
     from eval.numbers import number_text
 
     from ..recipe.plan import plan as plan_stages
@@ -107,6 +109,7 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
     for note in notes:
         out.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
+    out.print(rerun_table(recipe, ranks), highlight=False)
     if launch is None:
         return
     problems, launch_notes = check_launch(recipe, launch)
@@ -115,3 +118,28 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
         out.print(f"  - {note}", highlight=False)
     if problems:
         raise LaunchError(problems)
+
+
+def rerun_table(recipe, ranks: int | None) -> Table | str:
+    """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
+    from ..run_dir import RunDir
+    from ..train.fingerprint import stage_fingerprints
+    from ..train.rerun import plan_artifacts, plan_stages
+
+    run = RunDir.of(recipe)
+    if not run.is_run():
+        return f"No run in {run} yet: `tunebook train` trains every stage, then makes what follows them."
+    try:
+        prints = stage_fingerprints(recipe, ranks)
+    except TunebookError as exc:  # e.g. a data source that cannot be read here: train would stop on it too
+        return f"Cannot compare with the run in {run}: {exc}"
+    steps = plan_stages(recipe, run, prints)
+    table = Table(title=f"What `tunebook train` does in {run}", title_justify="left")
+    for column in ("", "action", "version", "why"):
+        table.add_column(column, overflow="fold")
+    for step in steps:
+        done = f" ({step.steps_done} steps)" if step.action in ("reuse", "resume") else ""
+        table.add_row(f"stage {step.name}", step.action + done, step.fingerprint.digest, step.why)
+    for artifact in plan_artifacts(recipe, run, steps):
+        table.add_row(artifact.label, artifact.action, "", artifact.why)
+    return table

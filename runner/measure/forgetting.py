@@ -1,5 +1,8 @@
 """The forgetting matrix of a multi-stage run: every stage's validation set scored with the base model
-and after every stage, so "stage 2 did not forget stage 1" is a number (eval/report.py renders it)."""
+and after every stage, so "stage 2 did not forget stage 1" is a number (eval/report.py renders it).
+
+A row is the model after one stage version (its fingerprint), a column one validation set: when a rerun changes
+only the last stage, only its row is scored again; the other cells are taken from the matrix made before."""
 from __future__ import annotations
 
 import gc
@@ -47,17 +50,25 @@ def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dic
     if run.fresh(run.forgetting_file, inputs):
         log(f"forgetting matrix is up to date: {run.forgetting_file}")
         return json.loads(run.forgetting_file.read_text())
+    kept = reusable_cells(run, inputs)
     result = {"stages": stages, "rows": rows, "ppl": {}, "loss": {}, "tokens": {}}
-    per_row = sum(len(val_sets[stage]) for stage in stages)
+    todo_total = sum(len(val_sets[stage]) for row in rows for stage in stages if (row, stage) not in kept)
     log(f"forgetting matrix: {len(stages)} validation set(s) scored with {len(rows)} models "
         f"({', '.join(rows)})")
-    with run.making(run.forgetting_file, inputs), progress("forgetting matrix", len(rows) * per_row, "examples") as bar:
-        for r, row in enumerate(rows):
+    with run.making(run.forgetting_file, inputs), progress("forgetting matrix", todo_total, "examples") as bar:
+        done = 0
+        for row in rows:
+            result["ppl"][row], result["loss"][row] = {}, {}
+            todo = [stage for stage in stages if (row, stage) not in kept]
+            for stage in stages:
+                if (row, stage) in kept:
+                    result["ppl"][row][stage], result["loss"][row][stage], result["tokens"][stage] = kept[row, stage]
+            if not todo:
+                log(f"forgetting matrix: {'the base model' if row == 'base' else 'after stage ' + row} is unchanged")
+                continue
             bar.update(status=f"loading {'the base model' if row == 'base' else 'the model after ' + row}")
             model = stage_model(model_ref, recipe, dtype, None if row == "base" else outcomes[row])
-            result["ppl"][row], result["loss"][row] = {}, {}
-            done = r * per_row
-            for stage in stages:
+            for stage in todo:
                 bar.update(status=f"{row}: scoring {stage}")
                 scored = evaluate_torch(model, val_sets[stage], batch_size=batch_size, pad_id=pad_id,
                                         progress=bar.callback(offset=done, span=len(val_sets[stage])))
@@ -69,3 +80,18 @@ def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dic
             gc.collect()
         atomic.write_text(run.forgetting_file, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def reusable_cells(run: RunDir, inputs: dict) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """{(row, stage): (ppl, loss, tokens)} of the matrix on disk whose row is the same model (the base, or the same
+    stage version) and whose column the same validation set; nothing when base, dtype or padding changed."""
+    before = run.made_from(run.forgetting_file)
+    if before is None or not run.forgetting_file.is_file():
+        return {}
+    if any(before.get(k) != inputs[k] for k in ("base", "dtype", "pad_id")):
+        return {}
+    old = json.loads(run.forgetting_file.read_text())
+    same_rows = ["base"] + [r for r, identity in inputs["after"].items() if before.get("after", {}).get(r) == identity]
+    same_stages = [s for s, digest in inputs["val"].items() if before.get("val", {}).get(s) == digest]
+    return {(row, stage): (old["ppl"][row][stage], old["loss"][row][stage], old["tokens"][stage])
+            for row in same_rows if row in old.get("ppl", {}) for stage in same_stages if stage in old["ppl"][row]}

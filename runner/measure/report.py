@@ -1,5 +1,5 @@
-"""report.md of a run, and the comparison of several runs: read from the run directories, rendered by
-eval/report.py. A run's report is written again exactly when something it shows changed."""
+"""report.md of a run, and the comparison of runs and of stage versions: read from the run directories,
+rendered by eval/report.py. A run's report is written again exactly when something it shows changed."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from eval.report import (ExportRow, StageRow, compare_report, exports_table, gen
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import Recipe
-from ..run_dir import RunDir, content_identity, file_identity
+from ..run_dir import RunDir, StageDir, content_identity, file_identity
 from ..train.metrics import read_metrics
 from .targets import check_targets
 
@@ -20,20 +20,50 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_rows(run: RunDir) -> list[StageRow]:
-    """One row per stage of a run: its settings and its evaluations."""
+def run_rows(run: RunDir, versions: bool = False) -> list[StageRow]:
+    """One row per stage of a run: its settings and its evaluations; with `versions`, one row per finished
+    version of each stage, oldest first, each with its own settings and what differs from the current one."""
     recipe = run.load_recipe()
     rows = []
     for stage in recipe.stages:
-        metrics = read_metrics(run.stage(stage.name).metrics)
-        evals = sorted((m for m in metrics if m.get("eval_loss") is not None), key=lambda m: m["step"])
         t = stage.train
-        rows.append(StageRow(recipe.name, stage.name, recipe.model.base, recipe.lora.r, recipe.lora.alpha,
-                             t.learning_rate, t.micro_batch_size, t.gradient_accumulation_steps, recipe.backend, evals))
+        current = run.stage(stage.name)
+        evals = _evals(current)
+        if not versions or current.version is None:
+            rows.append(StageRow(recipe.name, stage.name, recipe.model.base, recipe.lora.r, recipe.lora.alpha,
+                                 t.learning_rate, t.micro_batch_size, t.gradient_accumulation_steps, recipe.backend,
+                                 evals, version=current.version or ""))
+            continue
+        now = (current.fingerprint() or {}).get("inputs") or {}
+        for version in run.versions(stage.name):
+            outcome, record = version.outcome(), version.fingerprint() or {}
+            if outcome is None or not outcome.done or not record.get("settings"):
+                continue
+            rows.append(version_row(recipe.name, version, record, now, recipe.stages.index(stage),
+                                    is_current=version.version == current.version))
     return rows
 
 
-def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality: dict | None) -> str:
+def version_row(run_name: str, version: StageDir, record: dict, now: dict, index: int, is_current: bool) -> StageRow:
+    """A row for one stage version, from the settings it recorded when it was trained."""
+    from ..train.fingerprint import PREVIOUS, what_changed
+
+    settings, inputs = record["settings"], record.get("inputs") or {}
+    t, lora = settings["train"], settings["lora"]
+    changes = what_changed(inputs, now, index)
+    if inputs.get(PREVIOUS) != now.get(PREVIOUS):
+        changes.append("the stage it starts from")
+    note = "current" if is_current else "edited since: " + ("; ".join(changes) or "nothing it records")
+    return StageRow(run_name, version.name, settings["model"], lora["r"], lora["alpha"], t["learning_rate"],
+                    t["micro_batch_size"], t["gradient_accumulation_steps"], settings["backend"], _evals(version),
+                    version=version.version or "", note=note, current=is_current)
+
+
+def _evals(stage: StageDir) -> list[dict]:
+    return sorted((m for m in read_metrics(stage.metrics) if m.get("eval_loss") is not None), key=lambda m: m["step"])
+
+
+def run_time_section(recipe: Recipe, run: RunDir, wall: dict | None, quality: dict | None) -> str:
     parts = []
     for stage in recipe.stages:
         outcome = run.stage(stage.name).outcome()
@@ -42,21 +72,36 @@ def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality:
     if quality:
         parts.append(f"quality checks {quality['seconds'] / 60:.1f} min")
     text = "Training and checks: " + ", ".join(parts) + "." if parts else ""
-    if wall_s is not None:
-        text = (f"Wall time of the command that trained every stage: **{wall_s / 60:.1f} min** (data, model loads, "
-                f"training with evaluations, forgetting matrix, merge, GGUF export and verification, checks). " + text)
+    if wall is not None:
+        trained = wall.get("trained") or [s.name for s in recipe.stages]
+        reused = [s.name for s in recipe.stages if s.name not in trained]
+        which = "every stage" if not reused else f"stage {', '.join(trained)} (reusing {', '.join(reused)})"
+        text = (f"Wall time of the command that trained {which}: **{wall['wall_s'] / 60:.1f} min** (data, model "
+                f"loads, training with evaluations, forgetting matrix, merge, GGUF export and verification, checks). "
+                + text)
     return text
+
+
+def made_from_current(recipe: Recipe, run: RunDir, artifact: Path) -> bool:
+    """Whether an artifact was made from the version of the last stage the run uses now (a sweep variant trained
+    without export leaves the checks of another version on disk)."""
+    identity = run.stage(recipe.stages[-1].name).identity()
+    record = run.made_from(artifact)
+    return record is not None and identity is not None and identity in json.dumps(record)
 
 
 def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     """report.md's sections after the stage table: from forgetting.json, quality.json, wall.json, stage.json."""
     forgetting, quality, wall = _read(run.forgetting_file), _read(run.quality_file), _read(run.wall_file)
-    wall_s = wall["wall_s"] if wall else None
+    if quality and run.stage(recipe.stages[-1].name).version and not made_from_current(recipe, run, run.quality_file):
+        quality = None
+    every = wall is not None and set(wall.get("trained") or [s.name for s in recipe.stages]) >= {s.name for s in recipe.stages}
+    wall_s = wall["wall_s"] if wall and every else None  # the recipe's wall target is about a whole run
     sections = {}
     targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s))
     if targets:
         sections["Targets"] = targets
-    run_time = run_time_section(recipe, run, wall_s, quality)
+    run_time = run_time_section(recipe, run, wall, quality)
     if run_time:
         sections["Run time"] = run_time
     exports = export_rows(recipe, run)
@@ -112,14 +157,15 @@ def write_run_report(recipe: Recipe, run: RunDir, log=print) -> Path:
 
 
 def write_compare_report(runs: list[RunDir | Path], out_dir: Path) -> Path:
-    """out_dir/report.md (the comparison table) and its curves, for several runs."""
+    """out_dir/report.md (the comparison table) and its curves, for one or several runs: every finished version
+    of every stage, so the before and after of an edit are side by side."""
     rows = []
     for run in runs:
         run = run if isinstance(run, RunDir) else RunDir(run)
         if not run.is_run():
             raise TunebookError(f"{run} is not a tunebook run directory\n"
                                 "    fix: pass the folders `tunebook train` wrote (one per recipe name, under output_dir)")
-        rows += run_rows(run)
+        rows += run_rows(run, versions=True)
     images = plot_curves(rows)
     for name, png in images.items():
         atomic.write_bytes(Path(out_dir) / name, png)

@@ -1,0 +1,189 @@
+"""What `tunebook sweep` measures and writes: per variant, each stage's version (trained or reused, and how many
+steps), its evaluations and the forgetting matrix; the variant the user's objective picks within their bounds;
+the comparison (sweep.json, report.md and curves), rendered by eval/report.py."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval.report import StageRow, forgetting_table, markdown_table, plot_curves
+
+from .. import atomic
+from ..errors import TunebookError
+from ..recipe import Recipe
+from ..run_dir import RunDir
+from ..train.metrics import read_metrics
+
+METRICS = {
+    "eval_ppl": "validation perplexity of the adapter the stage keeps (its last evaluation, or its best with keep: best)",
+    "eval_loss": "validation loss of the adapter the stage keeps",
+    "best_eval_ppl": "lowest validation perplexity over the stage's evaluations",
+    "best_eval_loss": "lowest validation loss over the stage's evaluations",
+    "forgetting": "relative rise of the stage's validation perplexity from after it to after the last stage",
+    "steps": "optimizer steps of the stage",
+    "seconds": "training seconds of the stage",
+}
+
+
+@dataclass
+class Goal:
+    """`--objective stage.metric` (minimized unless `maximize`) and `--max stage.metric=LIMIT` bounds."""
+
+    objective: tuple[str, str]
+    maximize: bool = False
+    bounds: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.objective)
+
+
+def parse_goal(objective: str, bounds: list[str], maximize: bool, recipe: Recipe) -> Goal:
+    """A clear error, before anything trains, for an unknown stage or metric or a bound that is not a number."""
+    def metric(text: str, option: str) -> tuple[str, str]:
+        stage, _, name = text.partition(".")
+        stages = [s.name for s in recipe.stages]
+        if stage not in stages or name not in METRICS:
+            raise TunebookError(f"{option} {text}: expected STAGE.METRIC with a stage of the recipe and a known metric\n"
+                                f"    fix: stages: {', '.join(stages)}; metrics: {', '.join(METRICS)} "
+                                f"(e.g. {option} {stages[-1]}.eval_ppl)")
+        if name == "forgetting" and stage == stages[-1]:
+            raise TunebookError(f"{option} {text}: forgetting is measured for the stages before the last one\n"
+                                f"    fix: use one of {', '.join(s + '.forgetting' for s in stages[:-1]) or 'the other metrics'}")
+        return stage, name
+
+    limits = []
+    for bound in bounds:
+        key, _, raw = bound.partition("=")
+        try:
+            limits.append((*metric(key.strip(), "--max"), float(raw)))
+        except ValueError:
+            raise TunebookError(f"--max {bound}: the limit must be a number\n    fix: e.g. --max general.forgetting=0.05") from None
+    return Goal(metric(objective, "--objective"), maximize, limits)
+
+
+def _kept_eval(evals: list[dict], kept: str) -> dict | None:
+    if not evals:
+        return None
+    return min(evals, key=lambda r: r["eval_loss"]) if kept == "best" else max(evals, key=lambda r: r["step"])
+
+
+def variant_record(recipe: Recipe, run: RunDir, sets: list[str], before: list) -> dict:
+    """One variant after its training: per stage its version, what this sweep did to it (`before`: the rerun
+    plan made just before training it) and its metrics; the forgetting matrix."""
+    forgetting = json.loads(run.forgetting_file.read_text()) if len(recipe.stages) > 1 and run.forgetting_file.is_file() else None
+    last = recipe.stages[-1].name
+    stages = {}
+    for step in before:
+        stage = run.stage(step.name)
+        outcome = stage.outcome()
+        evals = sorted((r for r in read_metrics(stage.metrics) if r.get("eval_loss") is not None), key=lambda r: r["step"])
+        kept = _kept_eval(evals, outcome.kept)
+        metrics = {"eval_ppl": kept and kept["eval_ppl"], "eval_loss": kept and kept["eval_loss"],
+                   "best_eval_ppl": outcome.best_eval_ppl, "best_eval_loss": outcome.best_eval_loss,
+                   "steps": outcome.steps, "seconds": outcome.seconds}
+        if forgetting and step.name != last and step.name in forgetting["ppl"].get(step.name, {}):
+            ppl = forgetting["ppl"]
+            metrics["forgetting"] = (ppl[last][step.name] - ppl[step.name][step.name]) / ppl[step.name][step.name]
+        stages[step.name] = {"version": stage.version, "action": step.action, "why": step.why,
+                             "trained_steps": 0 if step.action == "reuse" else outcome.steps - step.steps_done,
+                             "metrics": metrics, "evals": evals, "model": recipe.model.base,
+                             "train": stage.fingerprint()["settings"]["train"] if stage.fingerprint() else {}}
+    return {"sets": sets, "run": str(run.path), "stages": stages, "forgetting": forgetting}
+
+
+def trained_text(stage: dict) -> str:
+    """What this sweep did to a stage of a variant: 'trained 24 steps', 'resumed: 12 steps', 'reused, 0 steps trained'."""
+    if stage["action"] == "reuse":
+        return "reused, 0 steps trained"
+    return f"{'trained' if stage['action'] == 'train' else 'resumed:'} {stage['trained_steps']} steps"
+
+
+def choose(variants: list[dict], goal: Goal) -> int | None:
+    """The index of the best variant within the bounds, None when no variant meets them."""
+    def value(v: dict, stage: str, name: str):
+        return v["stages"].get(stage, {}).get("metrics", {}).get(name)
+
+    fits = [i for i, v in enumerate(variants) if value(v, *goal.objective) is not None
+            and all(value(v, s, m) is not None and value(v, s, m) <= limit for s, m, limit in goal.bounds)]
+    if not fits:
+        return None
+    pick = max if goal.maximize else min
+    return pick(fits, key=lambda i: value(variants[i], *goal.objective))
+
+
+def _metric(variant: dict, column: str) -> str:
+    stage, name = column.split(".", 1)
+    value = variant["stages"][stage]["metrics"].get(name)
+    if value is None:
+        return "–"
+    if name == "forgetting":
+        return f"{value:+.2%}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str], goal: Goal, out: Path) -> tuple[Path, int | None]:
+    """out/sweep.json, out/report.md and curves; returns the report and the chosen variant's index."""
+    chosen = choose(variants, goal)
+    stage_names = list(variants[0]["stages"]) if variants else []
+    columns = [f"{s}.forgetting" for s in stage_names[:-1]] + [f"{s}.eval_ppl" for s in stage_names]
+    for name in [goal.name] + [f"{s}.{m}" for s, m, _ in goal.bounds]:
+        if name not in columns:
+            columns.append(name)
+    head = ["variant"] + keys + [f"{s} version" for s in stage_names] + columns + ["within bounds", "chosen"]
+    rows = []
+    for i, v in enumerate(variants):
+        values = dict(expr.partition("=")[::2] for expr in v["sets"])
+        within = all((v["stages"][s]["metrics"].get(m) is not None and v["stages"][s]["metrics"][m] <= limit)
+                     for s, m, limit in goal.bounds)
+        rows.append([str(i + 1)] + [values.get(k, "") for k in keys]
+                    + [f"{st['version'][:8]} ({trained_text(st)})" for st in v["stages"].values()]
+                    + [_metric(v, c) for c in columns]
+                    + ["yes" if within else "**no**", "**←**" if i == chosen else ""])
+    bounds = ", ".join(f"{s}.{m} ≤ {limit:g}" for s, m, limit in goal.bounds)
+    direction = "highest" if goal.maximize else "lowest"
+    if chosen is None:
+        verdict = f"No variant meets {bounds or 'the objective'}: none is chosen."
+    else:
+        sets = " ".join(f"--set {e}" for e in variants[chosen]["sets"])
+        value = variants[chosen]["stages"][goal.objective[0]]["metrics"][goal.objective[1]]
+        verdict = (f"**Chosen: variant {chosen + 1}** (`{sets}`): {goal.name} {value:.4f}, the {direction} of "
+                   f"{len(variants)} variants{' within ' + bounds if bounds else ''}. To export it and check it, "
+                   f"run `tunebook train {recipe_path} {sets}`: every stage is reused, then the export, the quality "
+                   f"checks and the report are made.")
+    curves, images = _curve_rows(variants), {}
+    for stage in stage_names:
+        images.update(plot_curves([r for r in curves if r.stage == stage], prefix=f"{stage}-"))
+    for name, png in images.items():
+        atomic.write_bytes(out / name, png)
+    parts = [f"# Sweep of {recipe_path}", "", markdown_table(head, rows), "", verdict, "",
+             "A version is a stage's fingerprint: variants that share one share its training (it was trained once). "
+             "Forgetting: the rise of a stage's validation perplexity from after it to after the last stage.", ""]
+    for i, v in enumerate(variants):
+        if v["forgetting"]:
+            parts += [f"## Variant {i + 1}: forgetting matrix (validation perplexity)", "",
+                      "`" + " ".join(v["sets"]) + "`", "", forgetting_table(v["forgetting"]), ""]
+    parts += [f"![{name.rsplit('.', 1)[0]}]({name})\n" for name in images]
+    report = out / "report.md"
+    atomic.write_text(out / "sweep.json", json.dumps({"recipe": str(recipe_path), "objective": goal.name,
+                                                      "maximize": goal.maximize, "bounds": goal.bounds,
+                                                      "chosen": chosen, "variants": variants}, indent=1) + "\n")
+    atomic.write_text(report, "\n".join(parts))
+    return report, chosen
+
+
+def _curve_rows(variants: list[dict]) -> list[StageRow]:
+    """One row per stage version, labelled with the variants that share it (v1+v2+v3 for a shared stage)."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for i, v in enumerate(variants):
+        for name, st in v["stages"].items():
+            users.setdefault((name, st["version"]), []).append(i + 1)
+    rows = []
+    for (name, version), numbers in users.items():
+        st = variants[numbers[0] - 1]["stages"][name]
+        t = st["train"]
+        rows.append(StageRow("+".join(f"v{n}" for n in numbers), name, st["model"], 0, 0, t.get("learning_rate", 0),
+                             t.get("micro_batch_size", 0), t.get("gradient_accumulation_steps", 0), "", st["evals"],
+                             version=version))
+    return rows
