@@ -125,15 +125,16 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     from .measure.report import write_run_report
 
     if len(recipe.stages) > 1:
-        forgetting_matrix(recipe, run, model_ref, {k: v.val for k, v in prepared.items()}, tokenizer.pad_token_id,
-                          log=log)
+        val_sets = {column: samples for data in prepared.values() for column, samples in data.val_sets.items()}
+        forgetting_matrix(recipe, run, model_ref, val_sets, tokenizer.pad_token_id, log=log)
     if recipe.export is not None:
         from .export.to_gguf import export_run
 
         gguf = export_run(run, log=log)
         last = recipe.stages[-1]
         if prepared[last.name].val:
-            check_export(run, gguf, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
+            check_export(run, gguf, last.name, prepared[last.name].val, tokenizer, last.sources()[0].system_prompt,
+                         log=log)
     if wall_start is not None:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
     write_run_report(recipe, run, log=log)

@@ -11,7 +11,8 @@ import typer
 def eval_(
     target: Annotated[Path, typer.Argument(help="Run dir, adapter dir, model dir or .gguf file.", show_default=False)],
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose stage validation set to score.")] = None,
-    stage: Annotated[str | None, typer.Option(help="Stage of --recipe (default: the last).")] = None,
+    stage: Annotated[str | None, typer.Option(help="Stage of --recipe (default: the last); STAGE/SOURCE for one "
+                                                   "validation set of a stage with several.")] = None,
     data: Annotated[str | None, typer.Option(help="Score a whole data source instead (file, folder, hub id, package:).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass (the result does not depend on it).")] = 4,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")] = False,

@@ -106,9 +106,9 @@ def report_rows(r: DataReport) -> list[tuple[str, str]]:
     return rows
 
 
-def render_report(r: DataReport) -> Group:
+def render_report(r: DataReport, title: str | None = None) -> Group:
     """A rich table of the report plus its notes (truncated file, bad record examples)."""
-    table = Table(title=f"stage {r.stage}", title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table = Table(title=title or f"stage {r.stage}", title_justify="left", show_header=False, box=None, padding=(0, 1))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for label, value in report_rows(r):
@@ -120,4 +120,37 @@ def render_report(r: DataReport) -> Group:
         notes.append(Text(f"skipped {n:,} bad record(s): {reason}", style="yellow"))
     for example in r.bad_examples:
         notes.append(Text(f"  e.g. {example}", style="dim"))
+    return Group(table, *notes)
+
+
+def mix_rows(mix) -> list[list[str]]:
+    """A stage's training mix (runner/data/mix.py's Mix) as table rows: per item, then the whole."""
+    rows = []
+    shares = mix.shares()
+    for p in mix.parts:
+        by_samples, by_trained = shares[p.name]
+        rows.append([p.name, p.kind, f"{p.weight:g}", f"{_n(p.samples)} of {_n(p.pool)}", _n(p.tokens), _n(p.trained),
+                     f"{100 * by_samples:.1f}%", f"{100 * by_trained:.1f}%", f"{p.repeats:.2f}x",
+                     f"{_n(p.val)} ({p.column})" if p.column else "–"])
+    rows.append(["all", "", "1", _n(mix.samples), _n(mix.tokens), _n(mix.trained), "100%", "100%", "",
+                 _n(sum(p.val for p in mix.parts))])
+    return rows
+
+
+MIX_HEADER = ["item", "kind", "weight", "samples (of pool)", "tokens", "trained tokens", "share of samples",
+              "share of trained tokens", "pool used", "validation samples (column)"]
+
+
+def render_mix(stage: str, mix) -> Group:
+    """The mix of a stage's data list: what each item gives after truncation, and the packed rows of the whole.
+    Weights are shares of trained tokens; the share of samples is shown beside them."""
+    table = Table(title=f"stage {stage}: training mix (weights are shares of trained tokens)", title_justify="left")
+    for i, head in enumerate(MIX_HEADER):
+        table.add_column(head, justify="left" if i < 2 else "right")
+    for row in mix_rows(mix):
+        table.add_row(*row)
+    notes = []
+    if mix.packed_rows is not None:
+        notes.append(Text(f"packed: {_n(mix.packed_rows)} rows, efficiency {100 * (mix.packing_efficiency or 0):.1f}% "
+                          "(items share rows; no sample attends to another)", style="dim"))
     return Group(table, *notes)
