@@ -418,7 +418,8 @@ def _apply_stage_defaults(located: Located) -> None:
         for i, stage in enumerate(stages):
             if not isinstance(stage, dict):
                 continue
-            own = stage.get(section) or {}
+            own = stage.get(section)
+            own = {} if own is None else own
             if section == "data" and isinstance(own, list):  # a data list: defaults for each source item
                 for j, item in enumerate(own):
                     if isinstance(item, dict) and "stage" not in item:
