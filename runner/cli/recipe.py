@@ -101,9 +101,11 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
     if mixes:
         table.add_row("samples (trained tokens)", *[f"{mixes[p.name].samples:,} ({mixes[p.name].trained:,})"
                                                    for p in stages])
+        table.add_row("packed rows", *[f"{mixes[p.name].packed_rows:,}" if mixes[p.name].packed_rows else "not packed"
+                                       for p in stages])
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
     for stage in recipe.stages:
-        if stage.name in mixes:
+        if stage.name in mixes and len(mixes[stage.name].parts) > 1:
             out.print(render_mix(stage.name, mixes[stage.name]))

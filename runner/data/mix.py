@@ -29,7 +29,7 @@ class MixPart:
     """One item of a stage's data list, as mixed: what it could give, what it gave."""
 
     name: str
-    kind: str                 # "source" | "replay of <stage>"
+    kind: str                 # the source it reads, or "replay of <stage>"
     weight: float
     pool: int = 0             # samples it draws from (its training split, or the earlier stage's)
     pool_trained: int = 0     # trained tokens in that pool

@@ -123,7 +123,7 @@ def prepare_stage(recipe: Recipe, stage: StageConfig, tokenizer, *, cache_dir: P
     columns = stage.val_columns()
     pools, parts, reports, val_sets = [], [], [], {}
     for item in items:
-        part = MixPart(item.name, "source", item.weight)
+        part = MixPart(item.name, getattr(item, "source", ""), item.weight)
         if isinstance(item, ReplayItem):
             part.kind = f"replay of {item.stage}"
             earlier = recipe.stage(item.stage)

@@ -123,34 +123,35 @@ def render_report(r: DataReport, title: str | None = None) -> Group:
     return Group(table, *notes)
 
 
-def mix_rows(mix) -> list[list[str]]:
-    """A stage's training mix (runner/data/mix.py's Mix) as table rows: per item, then the whole."""
-    rows = []
+def mix_rows(mix) -> list[tuple[str, list[str]]]:
+    """A stage's training mix (runner/data/mix.py's Mix) as (label, one value per item and the whole) rows."""
     shares = mix.shares()
-    for p in mix.parts:
-        by_samples, by_trained = shares[p.name]
-        rows.append([p.name, p.kind, f"{p.weight:g}", f"{_n(p.samples)} of {_n(p.pool)}", _n(p.tokens), _n(p.trained),
-                     f"{100 * by_samples:.1f}%", f"{100 * by_trained:.1f}%", f"{p.repeats:.2f}x",
-                     f"{_n(p.val)} ({p.column})" if p.column else "–"])
-    rows.append(["all", "", "1", _n(mix.samples), _n(mix.tokens), _n(mix.trained), "100%", "100%", "",
-                 _n(sum(p.val for p in mix.parts))])
-    return rows
-
-
-MIX_HEADER = ["item", "kind", "weight", "samples (of pool)", "tokens", "trained tokens", "share of samples",
-              "share of trained tokens", "pool used", "validation samples (column)"]
+    parts = mix.parts
+    val = sum(p.val for p in parts)
+    return [
+        ("from", [p.kind for p in parts] + [""]),
+        ("weight (share of trained tokens)", [f"{p.weight:g}" for p in parts] + ["1"]),
+        ("samples (of its pool)", [f"{_n(p.samples)} of {_n(p.pool)}" for p in parts] + [_n(mix.samples)]),
+        ("tokens", [_n(p.tokens) for p in parts] + [_n(mix.tokens)]),
+        ("trained tokens", [f"{_n(p.trained)} ({100 * shares[p.name][1]:.1f}%)" for p in parts] + [_n(mix.trained)]),
+        ("share of samples", [f"{100 * shares[p.name][0]:.1f}%" for p in parts] + ["100%"]),
+        ("pool used", [f"{p.repeats:.2f}x" for p in parts] + [""]),
+        ("validation samples", [f"{_n(p.val)} ({p.column})" if p.column else "–" for p in parts] + [_n(val)]),
+    ]
 
 
 def render_mix(stage: str, mix) -> Group:
     """The mix of a stage's data list: what each item gives after truncation, and the packed rows of the whole.
     Weights are shares of trained tokens; the share of samples is shown beside them."""
-    table = Table(title=f"stage {stage}: training mix (weights are shares of trained tokens)", title_justify="left")
-    for i, head in enumerate(MIX_HEADER):
-        table.add_column(head, justify="left" if i < 2 else "right")
-    for row in mix_rows(mix):
-        table.add_row(*row)
+    table = Table(title=f"stage {stage}: training mix", title_justify="left")
+    table.add_column("", style="bold")
+    for p in mix.parts:
+        table.add_column(p.name, justify="right", overflow="fold")
+    table.add_column("all", justify="right")
+    for label, values in mix_rows(mix):
+        table.add_row(label, *values)
     notes = []
     if mix.packed_rows is not None:
-        notes.append(Text(f"packed: {_n(mix.packed_rows)} rows, efficiency {100 * (mix.packing_efficiency or 0):.1f}% "
-                          "(items share rows; no sample attends to another)", style="dim"))
+        notes.append(Text(f"packed: {_n(mix.packed_rows)} rows of the items together, efficiency "
+                          f"{100 * (mix.packing_efficiency or 0):.1f}% (no sample attends to another)", style="dim"))
     return Group(table, *notes)
