@@ -9,12 +9,14 @@ import pytest
 import torch
 from rich.console import Console
 from transformers import LlamaForCausalLM
+from typer.testing import CliRunner
 
 from data_support import write_jsonl
 from eval.labels import IGNORE_INDEX as IGNORE
 from runner.data.mix import MAX_REPEATS, draw, trained_tokens
 from runner.data.pack import make_collator, pack_examples
 from runner.data.prepare import prepare_stage
+from runner.cli import app
 from runner.data.report import render_mix
 from runner.errors import TunebookError
 from runner.recipe import load_recipe
@@ -35,14 +37,14 @@ def rows(n: int, topic: str, reply_words: int) -> list[dict]:
             for i in range(n)]
 
 
-def mixed_recipe(folder, vet_data: str, *, seed: int = 7, extra: str = ""):
+def mixed_recipe(folder, vet_data: str, *, seed: int = 7, extra: str = "", base: str = "tiny"):
     write_jsonl(folder / "general.jsonl", rows(120, "cats", 6))
     write_jsonl(folder / "vet.jsonl", rows(60, "dogs", 30))
     write_jsonl(folder / "extra.jsonl", rows(40, "birds", 3))
     text = textwrap.dedent(f"""\
         name: mix
         seed: {seed}
-        model: {{base: tiny, chat_template: llama-3, max_seq_length: {MAX}}}
+        model: {{base: {base}, chat_template: llama-3, max_seq_length: {MAX}}}
         data: {{format: messages}}
         stages:
           - name: general
@@ -188,3 +190,20 @@ def test_the_data_section_digest_covers_replay(tmp_path, tok):
     section = [item.model_dump(mode="json") for item in recipe.stage("vet").data_items()]
     assert section[1] == {"stage": "general", "weight": 0.2, "name": "replay-general"}
     assert json.dumps(section)  # plain data: digestible as a whole
+
+
+def test_plan_and_data_show_samples_and_trained_tokens_per_item(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBOOK_CACHE", str(tmp_path / "cache"))
+    make_tokenizer(tmp_path / "tok")
+    three = TWO_SOURCES.replace("weight: 0.3", "weight: 0.2") + "- {stage: general, weight: 0.1}\n"
+    path = mixed_recipe(tmp_path, three, base=str(tmp_path / "tok")).path
+    plan = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
+    assert plan.exit_code == 0, plan.output
+    out = plan.output
+    assert "stage vet: training mix" in out and "replay of general" in out and "samples (of its pool)" in out
+    assert "0.7 vet.jsonl + 0.2 extra.jsonl + 0.1 replay of general" in out
+    assert "54 of 54" in out and "(vet/extra)" in out and "packed rows" in out
+    data = CliRunner().invoke(app, ["data", str(path), "--stage", "vet"], env={"COLUMNS": "200"})
+    assert data.exit_code == 0, data.output
+    assert "stage vet, source vet" in data.output and "stage vet, source extra" in data.output
+    assert "stage vet: training mix" in data.output
