@@ -207,3 +207,38 @@ def test_plan_and_data_show_samples_and_trained_tokens_per_item(tmp_path, monkey
     assert data.exit_code == 0, data.output
     assert "stage vet, source vet" in data.output and "stage vet, source extra" in data.output
     assert "stage vet: training mix" in data.output
+
+
+def test_package_and_hub_sources_mix_like_local_files(tmp_path, tok, monkeypatch):
+    import datasets
+
+    package = tmp_path / "pkg" / "birds_data"  # an installed package that ships its data
+    write_jsonl(package / "birds.jsonl", rows(40, "birds", 3))
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    hub_rows = rows(50, "fish", 8)  # the hub cannot be reached here: datasets.load_dataset is replaced
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset=None, split=None: datasets.Dataset.from_list(hub_rows))
+    data = prepare(mixed_recipe(tmp_path, """\
+        - {source: vet.jsonl, val_size: 6, weight: 0.6}
+        - {source: "package:birds_data", val_size: 4, weight: 0.2}
+        - {source: someone/fish, val_size: 5, weight: 0.2}
+        """), tok, tmp_path / "c")
+    assert [p.name for p in data.mix.parts] == ["vet", "birds_data", "fish"]
+    shares = data.mix.shares()
+    assert shares["birds_data"][1] == pytest.approx(0.2, abs=0.02) and shares["fish"][1] == pytest.approx(0.2, abs=0.02)
+    assert list(data.val_sets) == ["vet/vet", "vet/birds_data", "vet/fish"]
+    assert [len(v) for v in data.val_sets.values()] == [6, 4, 5]
+
+
+def test_the_data_identity_changes_with_any_item_and_with_the_replayed_data(tmp_path):
+    from runner.data.prepare import data_identity
+
+    recipe = mixed_recipe(tmp_path, REPLAY)
+    first = json.dumps(data_identity(recipe, recipe.stage("vet")), sort_keys=True)
+    again = load_recipe(recipe.path)
+    assert json.dumps(data_identity(again, again.stage("vet")), sort_keys=True) == first
+    heavier = load_recipe(recipe.path, ["stages.1.data.1.weight=0.25"])
+    assert json.dumps(data_identity(heavier, heavier.stage("vet")), sort_keys=True) != first
+    with (tmp_path / "general.jsonl").open("a") as f:  # the replayed stage's source changes
+        f.write(json.dumps(rows(1, "cats", 6)[0]) + "\n")
+    assert json.dumps(data_identity(recipe, recipe.stage("vet")), sort_keys=True) != first

@@ -153,6 +153,20 @@ def prepare_stage(recipe: Recipe, stage: StageConfig, tokenizer, *, cache_dir: P
     return StageData(train, val, reports[0], reports, val_sets, mix, picks)
 
 
+def data_identity(recipe: Recipe, stage: StageConfig) -> dict:
+    """What decides a stage's data, as plain data to digest whole: every item of its data section (weights and
+    names filled in) and the content fingerprint of every source it reads, the sources a replay item draws
+    from included (an edit to the replayed stage's data changes this stage's data too)."""
+    def sources(of: StageConfig) -> list:
+        return [[item.model_dump(mode="json"), open_source(item.source, recipe.base_dir, subset=item.subset,
+                                                           split=item.split).fingerprint()] for item in of.sources()]
+
+    return {"seed": recipe.seed, "items": [item.model_dump(mode="json") for item in stage.data_items()],
+            "content": sources(stage),
+            "replay": {item.stage: sources(recipe.stage(item.stage)) for item in stage.data_items()
+                       if isinstance(item, ReplayItem)}}
+
+
 def prepare_source(recipe: Recipe, stage: StageConfig, cfg: DataConfig, tokenizer, template: str, cache_dir: Path,
                    log: Callable[[str], object] = print) -> SourceData:
     """Tokenized train and validation samples of one source of a stage, and the report of how they were made."""
