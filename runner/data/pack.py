@@ -5,7 +5,8 @@ attention_mask: transformers then builds a block-diagonal causal mask from the p
 (`masking_utils.find_packed_sequence_indices`), so packed samples never attend to each other. That
 needs `use_cache=False` in the forward pass (with a cache the packed detection is skipped). The label
 at each sample's first token is -100, so no sample is trained to predict across a boundary; the
-packed loss then equals the per-sample loss.
+packed loss then equals the per-sample loss. The samples of a mixed stage (several sources, replay) share
+rows like any others; a packed row remembers which item each token came from, so batches can be counted.
 
 Two ways to use it: `pack_examples` ahead of time (best fill, a known number of rows; then
 `make_collator(packing=True)` only pads rows), or `make_collator(packing=True)` on plain examples,

@@ -4,6 +4,10 @@
 `--set` overrides, fills defaults and validates. Anything wrong becomes one RecipeError that lists
 every problem with its file, line, column and fix. Key names follow axolotl where the meaning is the
 same (micro_batch_size, gradient_accumulation_steps, num_epochs, eval_steps, ...).
+
+A stage's `data:` is one source (a mapping) or a list of weighted items: sources, and replay of an earlier
+stage's training split. A weight is a share of the stage's TRAINED tokens (tokens that carry a label), not of
+samples; runner/data/mix.py builds the mix.
 """
 from __future__ import annotations
 
