@@ -127,12 +127,18 @@ def test_replay_draws_only_from_the_earlier_training_split_and_is_seeded(tmp_pat
     assert {key(s) for s in other.train if s["source"] == 1} != set(replayed)
 
 
-def test_draw_stops_closest_to_its_tokens():
+def test_draw_comes_closest_to_its_tokens():
     counts = [10] * 20
     assert len(draw(counts, 54, "s")) == 5 and len(draw(counts, 56, "s")) == 6
     chosen = draw(counts, 230, "s")  # one whole pass, then a seeded part of a second
     assert len(chosen) == 23 and sorted(chosen[:20]) == list(range(20))
     assert len(set(chosen[20:])) == 3 and draw(counts, 230, "s") == chosen != draw(counts, 230, "t")
+    uneven = [50] * 10 + [3] * 10  # long and short samples: within half of the shortest sample left
+    for seed in "abcdef":
+        picks = draw(uneven, 106, seed)
+        left = set(range(20)) - set(picks)
+        assert abs(sum(uneven[i] for i in picks) - 106) <= min(uneven[i] for i in left) / 2
+    assert sum(uneven[i] for i in draw(uneven, 106, "b")) == 106
 
 
 def test_every_source_keeps_its_validation_set(tmp_path, tok):

@@ -8,8 +8,8 @@ when the pool is larger, whole passes over the pool and then a random part when 
 would be repeated more than MAX_REPEATS times is an error: it is too small for its share. A replay item's pool
 is the earlier stage's training split (runner/data/prepare.py never hands it a validation sample).
 
-The draw stops at the sample that brings the item closest to its tokens, in a seeded random order (no
-preference for short or long samples), so a share is met to within half a sample. Every sample in the mix
+The draw walks the pool in a seeded random order and takes every sample that still fits the item's tokens,
+then the shortest one left if that comes closer: a share is met to within half of the pool's shortest sample. Every sample in the mix
 carries "source": the item it came from, so a trainer can count what it actually batched.
 """
 from __future__ import annotations
@@ -85,19 +85,26 @@ def trained_tokens(sample: dict) -> int:
 
 def draw(trained: list[int], need: float, seed: str) -> list[int]:
     """Indices into a pool (of these trained-token counts) adding up closest to `need` trained tokens: whole
-    passes over the pool, then a prefix of a seeded random order of it (no sample twice within a pass)."""
+    passes over the pool, then, in a seeded random order (no sample twice within a pass), every sample that
+    still fits, and the shortest one left if it brings the total closer. The random order decides; only the
+    last few picks, which close the gap, lean to samples short enough to fit it."""
     total = sum(trained)
     passes = int(need // total) if total else 0
     rest = need - passes * total
     chosen = list(range(len(trained))) * passes
     order = list(range(len(trained)))
     random.Random(seed).shuffle(order)
-    got = 0
-    for i in order:
-        if got + trained[i] / 2 > rest:
-            break
-        got += trained[i]
-        chosen.append(i)
+    got, left = 0, []
+    for i in order:  # every sample that still fits, in the random order
+        if got + trained[i] <= rest:
+            got += trained[i]
+            chosen.append(i)
+        else:
+            left.append(i)
+    if left:  # the gap is now smaller than any sample left: the shortest one closes it if that comes closer
+        shortest = min(left, key=lambda i: trained[i])
+        if got + trained[shortest] / 2 <= rest:
+            chosen.append(shortest)
     return chosen
 
 
