@@ -266,7 +266,7 @@ def quickstart_train_conversations():
     model_path = model_source(recipe.model, recipe.base_dir, log=lambda *_: None)
     tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
     template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=recipe.base_dir)
-    cfg = stage.data
+    cfg = stage.sources()[0]
     data = open_source(cfg.source, recipe.base_dir, subset=cfg.subset, split=cfg.split).read(BadRecords(cfg.on_bad_record))
     convs = read_conversations(data.records, cfg, DataReport(stage=stage.name), BadRecords(cfg.on_bad_record), lambda *_: None)
     if cfg.shuffle:

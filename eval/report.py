@@ -1,6 +1,6 @@
 """Reports as text and pictures: the seed's comparison table (hyperparameters, lowest validation loss, best
 perplexity, step of best) with the relative change between rows, the forgetting matrix, the quality
-sections, a targets table, and PNG curves of validation loss and perplexity per run and overlaid.
+sections, the training mix as trained, a targets table, and PNG curves of validation loss and perplexity per run and overlaid.
 
 Everything here renders what it is given (rows, matrices, measured results) and writes nothing: the caller
 reads the run and decides where the report goes."""
@@ -194,6 +194,17 @@ def generation_section(g: dict, stage: str, val_examples: int) -> str:
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                      ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def mix_table(mixes: dict[str, list[tuple[str, float, int]]]) -> str:
+    """The training mix as trained: per stage that mixes several items, each item's weight (its share of trained
+    tokens) beside the share of trained tokens it actually had in the batches. mixes: {stage: [(item, weight,
+    trained tokens batched)]}."""
+    lines = ["| stage | item | weight | trained tokens batched | share batched |", "|---|---|---|---|---|"]
+    for stage, items in mixes.items():
+        total = sum(n for _, _, n in items) or 1
+        lines += [f"| {stage} | {name} | {weight:g} | {n:,} | {100 * n / total:.1f}% |" for name, weight, n in items]
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def targets_table(rows: list[tuple[str, str, bool]]) -> str:

@@ -136,15 +136,16 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
     from .share.track import track
 
     if len(recipe.stages) > 1:
-        forgetting_matrix(recipe, run, model_ref, {k: v.val for k, v in prepared.items()}, tokenizer.pad_token_id,
-                          log=log)
+        val_sets = {column: samples for data in prepared.values() for column, samples in data.val_sets.items()}
+        forgetting_matrix(recipe, run, model_ref, val_sets, tokenizer.pad_token_id, log=log)
     if recipe.export is not None and export:
         from .export.to_gguf import export_types
 
         ggufs = export_types(run, log=log)  # each type the recipe lists; only those not up to date are made
         last = recipe.stages[-1]
         if prepared[last.name].val:
-            check_exports(run, ggufs, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
+            check_exports(run, ggufs, last.name, prepared[last.name].val, tokenizer, last.sources()[0].system_prompt,
+                          log=log)
     if wall_start is not None and trained:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1),
                                                      "trained": trained or []}) + "\n")

@@ -56,14 +56,18 @@ def preflight(recipe: Recipe, located: Located, hub_unreachable=None) -> Preflig
     for i, stage in enumerate(recipe.stages):
         from .data.sources import open_source
 
-        path = ("stages", i, "data", "source")
-        try:
-            source = open_source(stage.data.source, base, subset=stage.data.subset, split=stage.data.split)
-        except TunebookError as exc:
-            problem(path, exc)
-            continue
-        if source.kind == "hub":
-            hub_ids.append((path, stage.data.source, "dataset"))
+        listed = isinstance(stage.data, list)
+        for j, item in enumerate(stage.data_items()):
+            if not hasattr(item, "source"):  # a replay item reads an earlier stage's data
+                continue
+            path = ("stages", i, "data", j, "source") if listed else ("stages", i, "data", "source")
+            try:
+                source = open_source(item.source, base, subset=item.subset, split=item.split)
+            except TunebookError as exc:
+                problem(path, exc)
+                continue
+            if source.kind == "hub":
+                hub_ids.append((path, item.source, "dataset"))
     _check_hub(hub_ids, problem, result.notes, hub_unreachable or unreachable)
     _check_output(recipe, model_ref, problem, result.notes)
     return result

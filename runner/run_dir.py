@@ -396,7 +396,10 @@ class RunDir:
         recipe = self._resolved()
         if recipe is None:
             return None
-        prompts = [((stage or {}).get("data") or {}).get("system_prompt") for stage in recipe.get("stages") or []
+        def first_source(data):  # a data list: its first item reads the stage's own source
+            return (data[0] if data and isinstance(data[0], dict) else {}) if isinstance(data, list) else data or {}
+
+        prompts = [first_source((stage or {}).get("data")).get("system_prompt") for stage in recipe.get("stages") or []
                    if isinstance(stage, dict)]
         prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
         return prompts[-1] if prompts else None

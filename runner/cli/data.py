@@ -1,6 +1,7 @@
 """`tunebook data RECIPE`: what each stage's data becomes, before any training.
 
-Prints every stage's report (records, skips and why, lengths, split, trainable tokens, packing) and,
+Prints every stage's report (records, skips and why, lengths, split, trainable tokens, packing), per source,
+then the training mix of a stage with several sources or replay (samples and trained tokens per item), and,
 with --show N, N training samples with the trained-on tokens marked ⟦like this⟧ (and highlighted).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def data(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_d
          stage: StageOpt = None, show: ShowOpt = 0, set_: SetOpt = None) -> None:
     """Load, check and tokenize each stage's data; print its statistics (and, with --show, samples)."""
     from ..data.prepare import prepare_stage
-    from ..data.report import render_report
+    from ..data.report import render_mix, render_report
     from ..model.base import load_tokenizer
     from ..recipe import load_recipe
 
@@ -59,7 +60,11 @@ def data(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_d
     tokenizer = load_tokenizer(loaded.model, base_dir=loaded.base_dir)
     for s in stages:
         result = prepare_stage(loaded, s, tokenizer, log=lambda msg: err.print(msg, style="dim"))
-        out.print(render_report(result.report))
+        several = len(result.reports) > 1
+        for item, report in zip(s.sources(), result.reports):
+            out.print(render_report(report, f"stage {s.name}, source {item.name}" if several else None))
+        if len(result.mix.parts) > 1:
+            out.print(render_mix(s.name, result.mix))
         for i, example in enumerate(result.train[:show]):
             out.rule(f"stage {s.name}, training sample {i + 1} ({len(example['input_ids'])} tokens)")
             out.print(render_example(example, tokenizer))

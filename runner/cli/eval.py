@@ -11,7 +11,8 @@ import typer
 def eval_(
     target: Annotated[Path, typer.Argument(help="Run dir, adapter dir, model dir or .gguf file.", show_default=False)],
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose stage validation set to score.")] = None,
-    stage: Annotated[str | None, typer.Option(help="Stage of --recipe (default: the last).")] = None,
+    stage: Annotated[str | None, typer.Option(help="Stage of --recipe (default: the last); STAGE/SOURCE for one "
+                                                   "validation set of a stage with several.")] = None,
     data: Annotated[str | None, typer.Option(help="Score a whole data source instead (file, folder, hub id, package:).")] = None,
     quant: Annotated[str | None, typer.Option(help="Score the run's GGUF of this type (q8_0, q4_k_m, ...) instead "
                                               "of its final adapter.")] = None,

@@ -60,18 +60,44 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
         raise typer.Exit(2)
 
 
+def measured_mixes(recipe) -> dict:
+    """{stage: Mix} of every stage, tokenized (cached) here; empty when the base model or a source is on the
+    hub (plan never downloads), with the reason printed."""
+    from ..data.prepare import prepare_stage
+    from ..data.sources import open_source
+    from ..model.base import load_tokenizer, resolve_base
+
+    try:
+        remote = [recipe.model.base] if resolve_base(recipe.model, base_dir=recipe.base_dir).kind == "hub" else []
+        remote += [item.source for stage in recipe.stages for item in stage.sources()
+                   if open_source(item.source, recipe.base_dir, subset=item.subset, split=item.split).kind == "hub"]
+        if remote:
+            out.print(f"data not measured: {', '.join(remote)} would be downloaded (`tunebook data` does it)",
+                      style="dim", highlight=False)
+            return {}
+        tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
+        return {stage.name: prepare_stage(recipe, stage, tokenizer, log=lambda m: None).mix for stage in recipe.stages}
+    except TunebookError as exc:
+        out.print(f"data not measured: {str(exc).splitlines()[0]}", style="dim", highlight=False)
+        return {}
+
+
 def plan(recipe_path: RecipeArg, set_: SetOpt = None,
          ranks: Annotated[int | None, typer.Option(help="Ranks to plan for (default: the profile's processes, else "
                                                         "this launch's world size).")] = None,
          profile: Annotated[Path | None, typer.Option(help="An accelerate launch profile (recipes/accelerate/*.yaml) "
                                                           "to check the recipe against.", show_default=False)] = None,
+         data: Annotated[bool, typer.Option("--data/--no-data", help="Tokenize each stage's data (cached) and show "
+                                            "samples and trained tokens per source; never downloads.")] = True,
          schema_only: SchemaOnlyOpt = False) -> None:
-    """Print the resolved recipe (every default filled in) and, per stage, steps, batch and token budget, after
-    the checks of `validate`; what `tunebook train` would do in the run directory (per stage reuse, resume or
-    train, per artifact reuse or make, and why: the keys that changed, --set overrides included); with --profile,
-    what the launch does with it and what would make it fail (exit 2)."""
+    """Print the resolved recipe (every default filled in) and, per stage, steps, batch, token budget and the
+    data mix (samples and trained tokens per source), after the checks of `validate`; what `tunebook train` would
+    do in the run directory (per stage reuse, resume or train, per artifact reuse or make, and why: the keys that
+    changed, --set overrides included); with --profile, what the launch does with it and what would make it fail
+    (exit 2)."""
     from eval.numbers import number_text
 
+    from ..data.report import render_mix
     from ..recipe.plan import plan as plan_stages
     from ..recipe.profile import LaunchError, check_launch, read_profile
     from ..recipe.resolved import resolved_yaml
@@ -81,7 +107,8 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
     ranks = ranks or (launch.num_processes if launch else None)
     out.print(f"[bold]Resolved recipe[/bold] {recipe_path}")
     out.print(Syntax(resolved_yaml(recipe), "yaml", theme="ansi_dark", background_color="default"))
-    stages = plan_stages(recipe, ranks)
+    mixes = measured_mixes(recipe) if data else {}
+    stages = plan_stages(recipe, ranks, {name: mix.packed_rows or mix.samples for name, mix in mixes.items()})
     table = Table(title=f"Plan: {recipe.name} ({recipe.backend} backend, base {recipe.model.base})", title_justify="left")
     table.add_column("", style="bold")
     for p in stages:
@@ -104,9 +131,17 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
               f"{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''}; "
               f"{'4-bit' if recipe.model.load_in_4bit else '8-bit' if recipe.model.load_in_8bit else recipe.model.dtype} base",
               highlight=False)
+    if mixes:
+        table.add_row("samples (trained tokens)", *[f"{mixes[p.name].samples:,} ({mixes[p.name].trained:,})"
+                                                   for p in stages])
+        table.add_row("packed rows", *[f"{mixes[p.name].packed_rows:,}" if mixes[p.name].packed_rows else "not packed"
+                                       for p in stages])
     out.print(table)
     out.print("effective batch = micro_batch_size × gradient_accumulation_steps × ranks; "
               "token budget = steps × effective batch × max_seq_length (an upper bound)", style="dim")
+    for stage in recipe.stages:
+        if stage.name in mixes and len(mixes[stage.name].parts) > 1:
+            out.print(render_mix(stage.name, mixes[stage.name]))
     for note in notes:
         out.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
     out.print(rerun_table(recipe, ranks), highlight=False)

@@ -5,7 +5,8 @@ attention_mask: transformers then builds a block-diagonal causal mask from the p
 (`masking_utils.find_packed_sequence_indices`), so packed samples never attend to each other. That
 needs `use_cache=False` in the forward pass (with a cache the packed detection is skipped). The label
 at each sample's first token is -100, so no sample is trained to predict across a boundary; the
-packed loss then equals the per-sample loss.
+packed loss then equals the per-sample loss. The samples of a mixed stage (several sources, replay) share
+rows like any others; a packed row remembers which item each token came from, so batches can be counted.
 
 Two ways to use it: `pack_examples` ahead of time (best fill, a known number of rows; then
 `make_collator(packing=True)` only pads rows), or `make_collator(packing=True)` on plain examples,
@@ -47,13 +48,17 @@ def plan_bins(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 def _pack_row(samples: list[dict]) -> dict:
-    ids, labels, positions = [], [], []
+    ids, labels, positions, sources = [], [], [], []
     for s in samples:
         n = len(s["input_ids"])
         ids += s["input_ids"]
         labels += [IGNORE] + list(s["labels"][1:n])
         positions += range(n)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        sources += [s.get("source", 0)] * n
+    row = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    if any("source" in s for s in samples):  # a mixed stage: which item each token came from
+        row["sources"] = sources
+    return row
 
 
 def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
@@ -70,10 +75,12 @@ def packing_efficiency(lengths: list[int], max_length: int) -> tuple[int, float]
 
 
 class Collator:
-    """Turns a list of examples (or packed rows) into tensors; counts real tokens and slots."""
+    """Turns a list of examples (or packed rows) into tensors; counts real tokens and slots. For a mixed stage
+    (`sources` > 1) each batch also carries "source_tokens": its trained tokens per item of the mix, which
+    the trainer takes out before the forward pass and adds up (the mix as actually trained)."""
 
-    def __init__(self, pad_id: int, packing: bool, max_length: int) -> None:
-        self.pad_id, self.packing, self.max_length = pad_id, packing, max_length
+    def __init__(self, pad_id: int, packing: bool, max_length: int, sources: int = 1) -> None:
+        self.pad_id, self.packing, self.max_length, self.sources = pad_id, packing, max_length, sources
         self.real_tokens = 0
         self.slots = 0
 
@@ -107,13 +114,27 @@ class Collator:
             self.real_tokens += n
         self.slots += ids.numel()
         key = "position_ids" if packed else "attention_mask"
-        return {"input_ids": ids, "labels": labels, key: other}
+        batch = {"input_ids": ids, "labels": labels, key: other}
+        if self.sources > 1:
+            batch["source_tokens"] = self._source_tokens(rows)
+        return batch
+
+    def _source_tokens(self, rows: list[dict]) -> torch.Tensor:
+        counts = torch.zeros(self.sources, dtype=torch.long)
+        for row in rows:
+            trained = torch.tensor(row["labels"]) != IGNORE
+            if "sources" in row:
+                counts += torch.bincount(torch.tensor(row["sources"])[trained], minlength=self.sources)
+            else:
+                counts[row.get("source", 0)] += int(trained.sum())
+        return counts
 
 
-def make_collator(tokenizer, packing: bool, max_length: int) -> Collator:
+def make_collator(tokenizer, packing: bool, max_length: int, sources: int = 1) -> Collator:
     """A collate function for DataLoader / Trainer. Unpacked: pad to the batch's longest sample, with
-    attention_mask. Packed: rows of <= max_length with per-sample position_ids and no attention_mask."""
+    attention_mask. Packed: rows of <= max_length with per-sample position_ids and no attention_mask.
+    sources: the number of items in the stage's mix (more than one: batches count trained tokens per item)."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return Collator(pad_id, packing, max_length)
+    return Collator(pad_id, packing, max_length, sources)

@@ -1,16 +1,18 @@
-"""A stage's data, start to end: source -> conversations -> chat template -> tokens + labels ->
-train/validation split (-> batches, in data_pack).
+"""A stage's data, start to end: each source -> conversations -> chat template -> tokens + labels ->
+train/validation split; then the sources and replay items mixed into the stage's training set (mix.py)
+(-> batches, in pack.py).
 
 `prepare_stage` is the one entry point. It sets `tokenizer.chat_template` to the resolved template,
-so the template saved with the adapter is exactly the one the tokens were made with. Results are
-cached on disk (`cache_dir`, default `$TUNEBOOK_CACHE/datasets`); a second run with the same inputs
-skips tokenization and its report says `cache_hit`.
+so the template saved with the adapter is exactly the one the tokens were made with. Each source is
+cached on disk on its own (`cache_dir`, default `$TUNEBOOK_CACHE/datasets`); a second run with the same
+inputs skips tokenization and its report says `cache_hit`. A replay item draws from the training split of
+the earlier stage's sources, prepared exactly as that stage prepares them: never from a validation split.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +23,10 @@ from eval.labels import IGNORE_INDEX
 
 from ..cache import cache_root
 from ..errors import TunebookError
-from ..recipe import Recipe, StageConfig
+from ..recipe import DataConfig, Recipe, ReplayItem, StageConfig
 from . import cache as data_cache
 from .formats import BadRecord, detect_format, has_tool_turns, normalize, record_to_messages
+from .mix import Mix, MixPart, build_mix, trained_tokens
 from .pack import packing_efficiency
 from .render import TOOL_FIX, tool_turn_problem
 from .report import DataReport
@@ -34,10 +37,23 @@ from .tokenize import tokenize_conversations
 
 
 @dataclass
-class StageData:
+class SourceData:
+    """One source's samples, split, and the report of how they were made."""
+
     train: list[dict]  # {"input_ids": [...], "labels": [...]} (labels -100 where not trained)
     val: list[dict]
     report: DataReport
+
+
+@dataclass
+class StageData:
+    train: list[dict]  # the training mix; with several items each sample has "source": its item's index
+    val: list[dict]    # every validation set of the stage, together
+    report: DataReport  # the first source's (the only one, for a stage with one source)
+    reports: list[DataReport] = field(default_factory=list)  # one per source item, in order
+    val_sets: dict[str, list[dict]] = field(default_factory=dict)  # validation column -> its samples
+    mix: Mix = field(default_factory=Mix)
+    picks: list[tuple[int, int]] = field(default_factory=list)  # per training sample: (item, index in its pool)
 
 
 def default_cache_dir() -> Path:
@@ -108,25 +124,62 @@ def _no_data_error(stage: StageConfig, report: DataReport, what: str) -> Tuneboo
 
 def prepare_stage(recipe: Recipe, stage: StageConfig, tokenizer, *, cache_dir: Path | None = None,
                   log: Callable[[str], object] = print) -> StageData:
-    """Tokenized train and validation examples for one stage, and the report of how they were made."""
-    cfg = stage.data
-    base = recipe.base_dir
-    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=base)
+    """The stage's training mix and validation sets, tokenized, and the reports of how they were made."""
+    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=recipe.base_dir)
     tokenizer.chat_template = template
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    i = recipe.stages.index(stage)
+    items = stage.data_items()
+    columns = stage.val_columns()
+    pools, parts, reports, val_sets = [], [], [], {}
+    for item in items:
+        part = MixPart(item.name, getattr(item, "source", ""), item.weight)
+        if isinstance(item, ReplayItem):
+            part.kind = f"replay of {item.stage}"
+            earlier = recipe.stage(item.stage)
+            log(f"stage {stage.name}: replay of stage {item.stage}'s training split ({item.weight:g} of the mix)")
+            pool = [s for source in earlier.sources()
+                    for s in prepare_source(recipe, earlier, source, tokenizer, template, cache_dir, log).train]
+        else:
+            data = prepare_source(recipe, stage, item, tokenizer, template, cache_dir, log)
+            reports.append(data.report)
+            pool = data.train
+            part.val, part.val_trained = len(data.val), sum(trained_tokens(s) for s in data.val)
+            part.column = columns.get(item.name) if data.val else None
+            if part.column:
+                val_sets[part.column] = data.val
+        pools.append(pool)
+        parts.append(part)
+    keys = [recipe.where("stages", i, "data", j, "weight") if isinstance(stage.data, list) else
+            recipe.where("stages", i, "data") for j in range(len(items))]
+    train, picks = build_mix(pools, parts, f"tunebook-mix:{recipe.seed}:{stage.name}", keys)
+    mix = Mix(parts)
+    if stage.train.packing:
+        mix.packed_rows, eff = packing_efficiency([len(e["input_ids"]) for e in train], recipe.model.max_seq_length)
+        mix.packing_efficiency = round(eff, 4)
+    if len(items) == 1:  # the source's own report shows the packing of its (unmixed) samples
+        reports[0].packed_rows, reports[0].packing_efficiency = mix.packed_rows, mix.packing_efficiency
+    val = [s for samples in val_sets.values() for s in samples]
+    return StageData(train, val, reports[0], reports, val_sets, mix, picks)
+
+
+def prepare_source(recipe: Recipe, stage: StageConfig, cfg: DataConfig, tokenizer, template: str, cache_dir: Path,
+                   log: Callable[[str], object] = print) -> SourceData:
+    """Tokenized train and validation samples of one source of a stage, and the report of how they were made."""
+    base = recipe.base_dir
     max_length = recipe.model.max_seq_length
     source = open_source(cfg.source, base, subset=cfg.subset, split=cfg.split)
-
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    settings = cfg.model_dump(mode="json", exclude={"weight", "name"})  # what changes the tokens
     key = data_cache.cache_key({
-        "source": source.fingerprint(), "data": cfg.model_dump(mode="json"), "seed": recipe.seed,
+        "source": source.fingerprint(), "data": settings, "seed": recipe.seed,
         "max_length": max_length, "template": template, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer)})
     cached = data_cache.load(cache_dir, key)
     if cached is not None:
         train, val, saved = cached
         report = DataReport.from_dict(saved)
         report.cache_hit, report.stage = True, stage.name
-        log(f"stage {stage.name}: cache hit ({cache_dir / key}), tokenization skipped")
-        return StageData(train, val, _with_packing(report, stage, train, max_length))
+        log(f"stage {stage.name}: {cfg.source}: cache hit ({cache_dir / key}), tokenization skipped")
+        return SourceData(train, val, report)
 
     report = DataReport(stage=stage.name, source=cfg.source, template=_template_label(recipe.model.chat_template),
                         max_length=max_length, truncation=cfg.truncation, cache_key=key)
@@ -171,13 +224,4 @@ def prepare_stage(recipe: Recipe, stage: StageConfig, tokenizer, *, cache_dir: P
     report.trainable_tokens = sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in train)
     report.val_trainable_tokens = sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in val)
     data_cache.save(cache_dir, key, train, val, report.to_dict())
-    return StageData(train, val, _with_packing(report, stage, train, max_length))
-
-
-def _with_packing(report: DataReport, stage: StageConfig, train: list[dict], max_length: int) -> DataReport:
-    """Rows and fill of the packed training set when the stage packs (not part of the cache key)."""
-    report.packed_rows = report.packing_efficiency = None
-    if stage.train.packing:
-        report.packed_rows, eff = packing_efficiency([len(e["input_ids"]) for e in train], max_length)
-        report.packing_efficiency = round(eff, 4)
-    return report
+    return SourceData(train, val, report)

@@ -106,9 +106,9 @@ def report_rows(r: DataReport) -> list[tuple[str, str]]:
     return rows
 
 
-def render_report(r: DataReport) -> Group:
+def render_report(r: DataReport, title: str | None = None) -> Group:
     """A rich table of the report plus its notes (truncated file, bad record examples)."""
-    table = Table(title=f"stage {r.stage}", title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table = Table(title=title or f"stage {r.stage}", title_justify="left", show_header=False, box=None, padding=(0, 1))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for label, value in report_rows(r):
@@ -120,4 +120,38 @@ def render_report(r: DataReport) -> Group:
         notes.append(Text(f"skipped {n:,} bad record(s): {reason}", style="yellow"))
     for example in r.bad_examples:
         notes.append(Text(f"  e.g. {example}", style="dim"))
+    return Group(table, *notes)
+
+
+def mix_rows(mix) -> list[tuple[str, list[str]]]:
+    """A stage's training mix (runner/data/mix.py's Mix) as (label, one value per item and the whole) rows."""
+    shares = mix.shares()
+    parts = mix.parts
+    val = sum(p.val for p in parts)
+    return [
+        ("from", [p.kind for p in parts] + [""]),
+        ("weight (share of trained tokens)", [f"{p.weight:g}" for p in parts] + ["1"]),
+        ("samples (of its pool)", [f"{_n(p.samples)} of {_n(p.pool)}" for p in parts] + [_n(mix.samples)]),
+        ("tokens", [_n(p.tokens) for p in parts] + [_n(mix.tokens)]),
+        ("trained tokens", [f"{_n(p.trained)} ({100 * shares[p.name][1]:.1f}%)" for p in parts] + [_n(mix.trained)]),
+        ("share of samples", [f"{100 * shares[p.name][0]:.1f}%" for p in parts] + ["100%"]),
+        ("pool used", [f"{p.repeats:.2f}x" for p in parts] + [""]),
+        ("validation samples", [f"{_n(p.val)} ({p.column})" if p.column else "–" for p in parts] + [_n(val)]),
+    ]
+
+
+def render_mix(stage: str, mix) -> Group:
+    """The mix of a stage's data list: what each item gives after truncation, and the packed rows of the whole.
+    Weights are shares of trained tokens; the share of samples is shown beside them."""
+    table = Table(title=f"stage {stage}: training mix", title_justify="left")
+    table.add_column("", style="bold")
+    for p in mix.parts:
+        table.add_column(p.name, justify="right", overflow="fold")
+    table.add_column("all", justify="right")
+    for label, values in mix_rows(mix):
+        table.add_row(label, *values)
+    notes = []
+    if mix.packed_rows is not None:
+        notes.append(Text(f"packed: {_n(mix.packed_rows)} rows of the items together, efficiency "
+                          f"{100 * (mix.packing_efficiency or 0):.1f}% (no sample attends to another)", style="dim"))
     return Group(table, *notes)

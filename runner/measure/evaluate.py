@@ -1,6 +1,6 @@
 """`tunebook eval`: the project's one perplexity for any target — a run, an adapter, a model folder or a
-GGUF — on a stage's validation set or on a whole data source, scored on the same tokens as in training
-(same chat template, same assistant-only mask)."""
+GGUF — on a stage's validation set (or one of a stage's several: `--stage <stage>/<source>`) or on a whole
+data source, scored on the same tokens as in training (same chat template, same assistant-only mask)."""
 from __future__ import annotations
 
 import json
@@ -51,11 +51,18 @@ def examples_for(recipe: Recipe | None, stage: str | None, data: str | None, tok
         return prepared.train, data
     if recipe is None:
         raise TunebookError("say what to score: --recipe RECIPE --stage NAME (its validation set) or --data SOURCE")
-    chosen = recipe.stage(stage) if stage else recipe.stages[-1]
+    column = stage
+    chosen = recipe.stage(stage.split("/")[0]) if stage else recipe.stages[-1]
     prepared = prepare_stage(recipe, chosen, tokenizer, log=log)
     if not prepared.val:
         raise TunebookError(f"stage {chosen.name} has no validation set (val_size 0)\n    fix: use --data SOURCE")
-    return prepared.val, f"{recipe.name}/{chosen.name} validation set"
+    if column and column != chosen.name:
+        if column not in prepared.val_sets:
+            raise TunebookError(f"stage {chosen.name} has no validation set named {column!r}\n"
+                                f"    fix: use one of: {', '.join([chosen.name, *prepared.val_sets])}")
+        return prepared.val_sets[column], f"{recipe.name}/{column} validation set"
+    several = f" ({len(prepared.val_sets)} sets, together)" if len(prepared.val_sets) > 1 else ""
+    return prepared.val, f"{recipe.name}/{chosen.name} validation set{several}"
 
 
 def torch_model(target: Path, kind: str, log):

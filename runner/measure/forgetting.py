@@ -1,5 +1,7 @@
-"""The forgetting matrix of a multi-stage run: every stage's validation set scored with the base model
-and after every stage, so "stage 2 did not forget stage 1" is a number (eval/report.py renders it).
+"""The forgetting matrix of a multi-stage run: every validation set scored with the base model and after every
+stage, so "stage 2 did not forget stage 1" is a number (eval/report.py renders it). Columns are validation
+sets: one per stage, or one per source for a stage whose sources each keep a validation set
+(StageConfig.val_columns names them).
 
 A row is the model after one stage version (its fingerprint), a column one validation set: when a rerun changes
 only the last stage, only its row is scored again; the other cells are taken from the matrix made before."""
@@ -36,12 +38,18 @@ def samples_digest(samples: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def column_stages(recipe: Recipe) -> dict[str, str]:
+    """{validation column: the stage it belongs to}, in stage order."""
+    return {column: stage.name for stage in recipe.stages for column in stage.val_columns().values()}
+
+
 def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dict[str, list[dict]],
                       pad_id: int | None, batch_size: int = 4, log=print) -> dict:
-    """{"stages": [...], "rows": ["base", ...], "ppl": {row: {stage: ppl}}, "loss": {...}}; saved as
-    forgetting.json, and made again only when a stage, a validation set or the base changed."""
+    """{"stages": [column, ...], "column_stage": {column: stage}, "rows": ["base", stage, ...],
+    "ppl": {row: {column: ppl}}, "loss": {...}}; val_sets: {column: samples}. Saved as forgetting.json, and
+    made again only when a stage, a validation set or the base changed."""
     dtype = resolve_dtype(recipe.model)
-    stages = [s.name for s in recipe.stages if val_sets.get(s.name)]
+    stages = [column for column in column_stages(recipe) if val_sets.get(column)]
     outcomes = {s.name: run.stage(s.name).outcome() for s in recipe.stages}
     rows = ["base"] + [s.name for s in recipe.stages if outcomes[s.name] and outcomes[s.name].done]
     inputs = {"base": recipe.model.base, "dtype": str(dtype), "pad_id": pad_id,
@@ -51,7 +59,8 @@ def forgetting_matrix(recipe: Recipe, run: RunDir, model_ref: str, val_sets: dic
         log(f"forgetting matrix is up to date: {run.forgetting_file}")
         return json.loads(run.forgetting_file.read_text())
     kept = reusable_cells(run, inputs)
-    result = {"stages": stages, "rows": rows, "ppl": {}, "loss": {}, "tokens": {}}
+    result = {"stages": stages, "column_stage": {c: column_stages(recipe)[c] for c in stages}, "rows": rows,
+              "ppl": {}, "loss": {}, "tokens": {}}
     todo_total = sum(len(val_sets[stage]) for row in rows for stage in stages if (row, stage) not in kept)
     log(f"forgetting matrix: {len(stages)} validation set(s) scored with {len(rows)} models "
         f"({', '.join(rows)})")

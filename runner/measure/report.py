@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.report import (ExportRow, StageRow, compare_report, exports_table, generation_section, plot_curves,
-                         quantization_section, run_report, targets_table)
+from eval.report import (ExportRow, StageRow, compare_report, exports_table, generation_section, mix_table,
+                         plot_curves, quantization_section, run_report, targets_table)
 
 from .. import atomic
 from ..errors import TunebookError
@@ -18,6 +18,10 @@ from .targets import check_targets
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _last(rows: list[dict], key: str):
+    return next((row[key] for row in reversed(rows) if row.get(key)), None)
 
 
 def run_rows(run: RunDir, versions: bool = False) -> list[StageRow]:
@@ -101,6 +105,14 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s))
     if targets:
         sections["Targets"] = targets
+    mixes = {}
+    for stage in recipe.stages:
+        batched = _last(read_metrics(run.stage(stage.name).metrics), "mix_tokens")
+        if batched:
+            mixes[stage.name] = [(item.name, item.weight, batched.get(item.name, 0)) for item in stage.data_items()]
+    if mixes:
+        sections["Data mix"] = mix_table(mixes) + ("\n\nWeights are shares of trained tokens; the batched shares are "
+                                                   "counted from every batch the trainer took.")
     run_time = run_time_section(recipe, run, wall, quality)
     if run_time:
         sections["Run time"] = run_time

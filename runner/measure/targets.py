@@ -13,23 +13,27 @@ def check_targets(targets: TargetsConfig | None, forgetting: dict | None, qualit
         return []
     rows: list[tuple[str, str, bool]] = []
     if forgetting and len(forgetting["rows"]) >= 3:
-        ppl, stages = forgetting["ppl"], forgetting["stages"]
-        first, last = stages[0], stages[-1]
-        before = forgetting["rows"][-2]
+        ppl, columns = forgetting["ppl"], forgetting["stages"]
+        stage_of = forgetting.get("column_stage") or {c: c for c in columns}  # older matrices: a column per stage
+        order = [row for row in forgetting["rows"] if row != "base"]
+        first, last, before = order[0], order[-1], forgetting["rows"][-2]
         if targets.first_stage_beats_base:
-            base, after = ppl["base"][first], ppl[first][first]
-            rows.append((f"stage {first} lowers {first} val ppl below the base model's", f"{base:.3f} → {after:.3f}",
-                         after < base))
+            for column in (c for c in columns if stage_of[c] == first):
+                base, after = ppl["base"][column], ppl[first][column]
+                rows.append((f"stage {first} lowers {column} val ppl below the base model's",
+                             f"{base:.3f} → {after:.3f}", after < base))
         if targets.last_stage_gain is not None:
-            gain = (ppl[before][last] - ppl[last][last]) / ppl[before][last]
-            rows.append((f"stage {last} lowers {last} val ppl by ≥ {targets.last_stage_gain * 100:.0f}% vs after {before}",
-                         f"{ppl[before][last]:.3f} → {ppl[last][last]:.3f} ({-gain * 100:+.1f}%)",
-                         gain >= targets.last_stage_gain))
+            for column in (c for c in columns if stage_of[c] == last):
+                gain = (ppl[before][column] - ppl[last][column]) / ppl[before][column]
+                rows.append((f"stage {last} lowers {column} val ppl by ≥ {targets.last_stage_gain * 100:.0f}% vs "
+                             f"after {before}", f"{ppl[before][column]:.3f} → {ppl[last][column]:.3f} "
+                             f"({-gain * 100:+.1f}%)", gain >= targets.last_stage_gain))
         if targets.forgetting is not None:
-            for stage in stages[:-1]:
-                rise = (ppl[last][stage] - ppl[stage][stage]) / ppl[stage][stage]
-                rows.append((f"{stage} val ppl after {last} rises ≤ {targets.forgetting * 100:.0f}% over after {stage}",
-                             f"{ppl[stage][stage]:.3f} → {ppl[last][stage]:.3f} ({rise * 100:+.1f}%)",
+            for column in (c for c in columns if stage_of[c] != last and stage_of[c] in ppl):
+                own = stage_of[column]
+                rise = (ppl[last][column] - ppl[own][column]) / ppl[own][column]
+                rows.append((f"{column} val ppl after {last} rises ≤ {targets.forgetting * 100:.0f}% over after {own}",
+                             f"{ppl[own][column]:.3f} → {ppl[last][column]:.3f} ({rise * 100:+.1f}%)",
                              rise <= targets.forgetting))
     if quality:
         q, g = quality["quantization"], quality["generation"]

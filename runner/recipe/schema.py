@@ -4,15 +4,20 @@
 `--set` overrides, fills defaults and validates. Anything wrong becomes one RecipeError that lists
 every problem with its file, line, column and fix. Key names follow axolotl where the meaning is the
 same (micro_batch_size, gradient_accumulation_steps, num_epochs, eval_steps, ...).
+
+A stage's `data:` is one source (a mapping) or a list of weighted items: sources, and replay of an earlier
+stage's training split. A weight is a share of the stage's TRAINED tokens (tokens that carry a label), not of
+samples; runner/data/mix.py builds the mix.
 """
 from __future__ import annotations
 
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
+                      field_validator)
 
 from ..errors import Problem, RecipeError
 from .source import KeyPath, Located, load_located, path_str
@@ -86,6 +91,50 @@ class DataConfig(Strict):
         raise ValueError("val_size must be a fraction in (0, 1), a whole count >= 1, or 0 for no validation set")
 
 
+Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Weight = Annotated[float, Field(ge=0, le=1)]
+
+
+class SourceItem(DataConfig):
+    """One source in a stage's `data:` list: everything a single source says, plus its share of the mix."""
+
+    # the share of the stage's TRAINED tokens (assistant tokens that carry a label) that come from this
+    # item; None: what the other items leave (at most one item may leave its weight out)
+    weight: Weight | None = None
+    name: Name | None = None  # how reports and validation columns call it (default: from `source`)
+
+
+class ReplayItem(Strict):
+    """Replay: samples drawn (seeded) from an earlier stage's TRAINING split, never its validation split."""
+
+    stage: str = Field(description="the name of an earlier stage")
+    weight: Weight | None = None
+    name: Name | None = None  # default: replay-<stage>
+
+
+def _item_kind(value: Any) -> str:
+    return "replay-item" if isinstance(value, dict) and "stage" in value or isinstance(value, ReplayItem) \
+        else "source-item"
+
+
+def _data_kind(value: Any) -> str:
+    return "data-list" if isinstance(value, list) else "data-mapping"
+
+
+DataItem = Annotated[Union[Annotated[SourceItem, Tag("source-item")], Annotated[ReplayItem, Tag("replay-item")]],
+                     Discriminator(_item_kind)]
+DataSection = Annotated[Union[Annotated[DataConfig, Tag("data-mapping")],
+                            Annotated[Annotated[list[DataItem], Field(min_length=1)], Tag("data-list")]],
+                      Discriminator(_data_kind)]
+UNION_TAGS = {"source-item", "replay-item", "data-list", "data-mapping"}  # pydantic puts them in error paths
+
+
+def source_name(spec: str) -> str:
+    """A source's default name: the file or folder stem, the package module, the hub id's last part."""
+    spec = spec.removeprefix("package:").rstrip("/")
+    return Path(spec).stem if Path(spec).suffix else spec.rsplit("/", 1)[-1]
+
+
 # optimizer as a recipe names it -> transformers' `optim` (what the hf, axolotl and unsloth trainers are given)
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit",
               "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
@@ -120,8 +169,32 @@ class StageConfig(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     init: Literal["continue", "merge", "fresh"] | None = Field(
         None, description="None: fresh for the first stage, continue for the others")
-    data: DataConfig
+    data: DataSection  # one source (a mapping) or a list of sources and replay items, each with a weight
     train: TrainConfig = TrainConfig()
+
+    def data_items(self) -> list[SourceItem | ReplayItem]:
+        """The stage's data as a list with every weight and name filled in: one source is one item of weight 1.
+        This list (model_dump) is the stage's data section as a whole, replay items included."""
+        if not isinstance(self.data, list):
+            return [SourceItem(**self.data.model_dump(), weight=1.0, name=source_name(self.data.source))]
+        items = [item.model_copy() for item in self.data]
+        rest = 1.0 - sum(item.weight or 0.0 for item in items)
+        for item in items:
+            if item.weight is None:
+                item.weight = max(rest, 0.0)
+            if item.name is None:
+                item.name = source_name(item.source) if isinstance(item, SourceItem) else f"replay-{item.stage}"
+        return items
+
+    def sources(self) -> list[SourceItem]:
+        """The items that read a source (not replay), in order."""
+        return [item for item in self.data_items() if isinstance(item, SourceItem)]
+
+    def val_columns(self) -> dict[str, str]:
+        """{source name: validation column} for every source with a validation set. A stage with one
+        validation set names its column after the stage; with several, `<stage>/<source name>`."""
+        names = [item.name for item in self.sources() if item.val_size]
+        return {n: self.name if len(names) == 1 else f"{self.name}/{n}" for n in names}
 
 
 # GGUF types a recipe may export: the pure-Python writer's (runner/export/gguf_writer.py), then those llama.cpp's
@@ -194,6 +267,7 @@ class Recipe(Strict):
     targets: TargetsConfig | None = None
 
     _path: Path | None = PrivateAttr(None)  # the recipe file; data paths may be relative to it
+    _located: Any = PrivateAttr(None)  # where each key was written (source.Located), for errors found later
 
     @property
     def path(self) -> Path | None:
@@ -225,8 +299,17 @@ class Recipe(Strict):
 
         copy.model.base = absolute(copy.model.base)
         for stage in copy.stages:
-            stage.data.source = absolute(stage.data.source)
+            for item in stage.data if isinstance(stage.data, list) else [stage.data]:
+                if isinstance(item, DataConfig):
+                    item.source = absolute(item.source)
+        copy._located = self._located
         return copy.read_from(self._path)
+
+    def where(self, *path: str | int) -> str:
+        """`file:line:column: key.path` of a key of this recipe (just the key path when it is not known), for
+        problems found after validation, e.g. while the data is mixed."""
+        loc = self._located.locate(tuple(path)) if self._located is not None else None
+        return f"{loc}: {path_str(path)}" if loc else path_str(path)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -253,6 +336,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "": Recipe, "model": ModelConfig, "lora": LoraConfig, "stages.*": StageConfig, "stages.*.data": DataConfig,
     "stages.*.data.fields": FieldMap, "stages.*.train": TrainConfig, "export": ExportConfig, "targets": TargetsConfig,
     "train": TrainConfig, "data": DataConfig, "data.fields": FieldMap,
+    "stages.*.data.*": SourceItem, "stages.*.data.*.fields": FieldMap,
 }
 
 
@@ -268,9 +352,20 @@ def did_you_mean(word: str, choices: list[str]) -> str | None:
     return prefixed[0] if len(prefixed) == 1 else None
 
 
-def _section_of(path: KeyPath) -> type[BaseModel] | None:
+def _section_of(path: KeyPath, located: Located | None = None) -> type[BaseModel] | None:
     pattern = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+    if pattern == "stages.*.data.*" and located is not None and _item_kind(_value_at(located.data, path)) == "replay-item":
+        return ReplayItem
     return SECTIONS.get(pattern)
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    for key in path:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _allowed_values(expected: str) -> list[str]:
@@ -286,7 +381,8 @@ def _problem_from_error(err: dict, located: Located) -> Problem:
     """One pydantic error -> a Problem with location, a plain message and a fix."""
     path: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"literal['all-linear']",
                                                                                        "list[str]", "bool",
-                                                                                       "literal['auto']"}))
+                                                                                       "literal['auto']",
+                                                                                       *UNION_TAGS}))
     path = tuple(p for p in path if not (isinstance(p, str) and p.startswith(("constrained-", "function-"))))
     origin = located.origin(path)
     loc = located.locate(path)
@@ -294,10 +390,15 @@ def _problem_from_error(err: dict, located: Located) -> Problem:
     shown = path_str(origin)
     if kind == "extra_forbidden":
         key = str(path[-1])
-        section = _section_of(origin[:-1])
+        section = _section_of(origin[:-1], located)
         choices = list(section.model_fields) if section else []
         guess = did_you_mean(key, choices)
         fix = f"did you mean '{guess}'?" if guess else ""
+        if key == "weight" and section is DataConfig:
+            fix = ("a weight belongs to an item of a `data:` list (several sources, or replay); a single source "
+                   "is the whole stage")
+        elif key == "source" and section is ReplayItem:
+            fix = "an item either reads a `source:` or replays an earlier `stage:`, not both: make two items"
         if choices:
             fix += ("  " if fix else "") + f"(allowed here: {', '.join(choices)})"
         where = path_str(origin[:-1]) or "the top level"
@@ -357,15 +458,25 @@ def _apply_stage_defaults(located: Located) -> None:
         for i, stage in enumerate(stages):
             if not isinstance(stage, dict):
                 continue
-            own = stage.get(section) or {}
+            own = stage.get(section)
+            own = {} if own is None else own
+            if section == "data" and isinstance(own, list):  # a data list: defaults for each source item
+                for j, item in enumerate(own):
+                    if isinstance(item, dict) and "stage" not in item:
+                        own[j] = _with_defaults(located, defaults, item, ("stages", i, section, j), section)
+                continue
             if not isinstance(own, dict):
                 continue
-            merged = dict(defaults)
-            merged.update(own)
-            stage[section] = merged
-            for key in defaults:
-                if key not in own:
-                    located.aliases[("stages", i, section, key)] = (section, key)
+            stage[section] = _with_defaults(located, defaults, own, ("stages", i, section), section)
+
+
+def _with_defaults(located: Located, defaults: dict, own: dict, at: KeyPath, section: str) -> dict:
+    merged = dict(defaults)
+    merged.update(own)
+    for key in defaults:
+        if key not in own:
+            located.aliases[at + (key,)] = (section, key)
+    return merged
 
 
 def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
@@ -389,7 +500,9 @@ def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
             add(("stages", i, "train", "eval_steps"),
                 f"eval_steps {t.eval_steps} is larger than max_steps {t.max_steps}: it would never evaluate",
                 f"use eval_steps <= {t.max_steps}")
-        if t.eval_steps and stage.data.val_size == 0:
+        if isinstance(stage.data, list):
+            problems += data_list_checks(recipe, i, located)
+        if t.eval_steps and not any(item.val_size for item in stage.sources()):
             add(("stages", i, "train", "eval_steps"), "eval_steps is set but the stage has no validation set (val_size 0)",
                 "set data.val_size (e.g. 0.05) or remove eval_steps")
         if t.warmup_steps and t.warmup_ratio:
@@ -401,6 +514,53 @@ def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
             add(("stages", i, "name"), f"stage name '{stage.name}' is used twice (also stage {seen[stage.name]})",
                 "give every stage its own name")
         seen.setdefault(stage.name, i)
+    return problems
+
+
+WEIGHT_SLACK = 1e-6  # weights that add up to 1 within this (0.1 + 0.2 + 0.7 in floating point)
+
+
+def data_list_checks(recipe: Recipe, i: int, located: Located) -> list[Problem]:
+    """A stage's `data:` list: the first item is a source, replay names an earlier stage, names are unique,
+    weights are > 0 and add up to 1 (one item may leave its weight out: it gets the rest)."""
+    problems: list[Problem] = []
+    stage = recipe.stages[i]
+
+    def add(path: KeyPath, message: str, fix: str) -> None:
+        problems.append(Problem(located.locate(path), path_str(located.origin(path)), message, fix))
+
+    at = ("stages", i, "data")
+    items = stage.data
+    if not isinstance(items[0], SourceItem):
+        add(at + (0,), "the first item of a data list must read a `source:` (it sets the size of the mix: all of "
+                       "its training split, once per epoch)", "put the stage's own source first, replay after it")
+    earlier = [s.name for s in recipe.stages[:i]]
+    for j, item in enumerate(items):
+        if isinstance(item, ReplayItem) and item.stage not in earlier:
+            what = "this stage itself" if item.stage == stage.name else f"no earlier stage named '{item.stage}'"
+            add(at + (j, "stage"), f"replay draws from an earlier stage's training split: {what}",
+                f"use one of: {', '.join(earlier)}" if earlier else "the first stage has nothing to replay: remove it")
+        if item.weight == 0:
+            add(at + (j, "weight"), "weight 0 trains nothing from this item",
+                "remove the item (a stage without it is the 0 point of a sweep), or give it a share in (0, 1]")
+    missing = [j for j, item in enumerate(items) if item.weight is None]
+    given = sum(item.weight or 0.0 for item in items)
+    if len(missing) > 1:
+        add(at + (missing[1],), f"{len(missing)} items leave out their weight; at most one may (it gets the rest)",
+            "give every item but one a `weight:` (a share of the stage's trained tokens)")
+    elif missing and given >= 1 - WEIGHT_SLACK:
+        add(at + (missing[0],), f"the other items' weights already add up to {given:g}: nothing is left for this one",
+            "lower the other weights so that they add up to less than 1")
+    elif not missing and abs(given - 1) > WEIGHT_SLACK:
+        add(at, f"the weights add up to {given:g}, not 1",
+            "make them add up to 1 (each is a share of the stage's trained tokens), or leave out one item's weight: "
+            "it gets what the others leave")
+    seen: dict[str, int] = {}
+    for j, item in enumerate(stage.data_items()):
+        if item.name in seen:
+            add(at + (j,), f"two items of this stage are named '{item.name}' (also item {seen[item.name]})",
+                "give one of them its own `name:` (reports and validation columns use it)")
+        seen.setdefault(item.name, j)
     return problems
 
 
@@ -419,6 +579,7 @@ def validate(located: Located, default_name: str) -> Recipe:
     for i, stage in enumerate(recipe.stages):
         if stage.init is None:
             stage.init = "fresh" if i == 0 else "continue"
+    recipe._located = located
     return recipe
 
 

@@ -39,7 +39,7 @@ def shown(spec: str) -> str:
 def shareable(summary: RunSummary, text: str) -> str:
     """`text` (the recipe, the report) with the recipe's paths on this machine shown as `shown` does."""
     recipe = summary.recipe
-    specs = [recipe.model.base, recipe.output_dir] + [s.data.source for s in recipe.stages]
+    specs = [recipe.model.base, recipe.output_dir] + [item.source for s in recipe.stages for item in s.sources()]
     for spec in sorted({s for s in specs if Path(s).is_absolute()}, key=len, reverse=True):
         text = text.replace(spec, shown(spec))
     return text
@@ -92,19 +92,19 @@ def metadata(summary: RunSummary, repo: str, license: str | None):
             ppl = done.numbers().get("final_eval_ppl") if done and stage.name == final else None
         if ppl is not None:
             results.append(EvalResult(task_type="text-generation", task_name="Text generation",
-                                      dataset_type=hub_id(stage.data.source) or shown(stage.data.source),
+                                      dataset_type=hub_id(stage.sources()[0].source) or shown(stage.sources()[0].source),
                                       dataset_name=f"{stage.name} validation set", dataset_split="validation",
                                       metric_type="perplexity", metric_value=round(ppl, 4),
                                       metric_name=f"perplexity after stage {final}"))
     if summary.quality:
         q = summary.quality
-        source = recipe.stage(q["stage"]).data.source
+        source = recipe.stage(q["stage"]).sources()[0].source
         results.append(EvalResult(task_type="text-generation", task_name="Text generation",
                                   dataset_type=hub_id(source) or shown(source),
                                   dataset_name=f"{q['stage']} validation set", dataset_split="validation",
                                   metric_type="perplexity", metric_value=round(q["quantization"]["gguf_ppl"], 4),
                                   metric_name=f"perplexity of {q['gguf']} (llama.cpp)"))
-    datasets = [d for d in dict.fromkeys(hub_id(s.data.source) for s in recipe.stages) if d]
+    datasets = [d for d in dict.fromkeys(hub_id(i.source) for s in recipe.stages for i in s.sources()) if d]
     data = ModelCardData(base_model=hub_id(recipe.model.base), datasets=datasets or None, license=license,
                          library_name="peft", pipeline_tag="text-generation", model_name=repo.split("/")[-1],
                          tags=["tunebook", "lora", "text-generation"] + (["gguf"] if summary.exports else []),
@@ -152,7 +152,7 @@ def _stage_table(summary: RunSummary) -> str:
         cfg = summary.recipe.stage(stage.name)
         t, o = cfg.train, stage.outcome
         tokens = stage.numbers().get("tokens_seen")
-        lines.append(f"| {stage.name} | {cfg.init} | `{shown(cfg.data.source)}` | {cfg.data.format} | {o.steps} | "
+        lines.append(f"| {stage.name} | {cfg.init} | `{' + '.join(shown(i.source) for i in cfg.sources())}` | {', '.join(dict.fromkeys(i.format for i in cfg.sources()))} | {o.steps} | "
                      f"{number_text(t.learning_rate)} | {t.micro_batch_size} × {t.gradient_accumulation_steps} | "
                      f"{'yes' if t.packing else 'no'} | {f'{tokens:,.0f}' if tokens else '–'} | "
                      f"{o.seconds / 60:.1f} min | {f'{o.best_eval_ppl:.3f}' if o.best_eval_ppl else '–'} |")
@@ -201,7 +201,7 @@ def limitations(summary: RunSummary) -> list[str]:
                  "not whether an answer is correct or safe.")
     items.append("It is no substitute for a professional: do not use it for medical or veterinary decisions, "
                  "medication doses, emergencies, or legal and financial advice.")
-    prompts = [s.data.system_prompt for s in recipe.stages if s.data.system_prompt]
+    prompts = [s.sources()[0].system_prompt for s in recipe.stages if s.sources()[0].system_prompt]
     if prompts:
         items.append(f"It was trained to answer under this system prompt; use it (the chat and the Space do): "
                      f"\"{prompts[-1].strip()}\"")

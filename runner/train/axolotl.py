@@ -11,6 +11,9 @@ Two ways to give axolotl a stage's data:
   stage's conversations exactly as it reads them (format, system prompt, shuffle, max_samples) as JSON
   Lines, split into train.jsonl and val.jsonl with the same split as the hf backend, so both backends
   train and validate on the same conversations.
+- A stage whose `data:` is a list of weighted items (several sources, replay of an earlier stage) has no
+  axolotl equivalent (axolotl concatenates its datasets, without weights): tunebook writes its training mix,
+  pre-mixed exactly as the hf backend trains it, and every source's validation conversations.
 """
 from __future__ import annotations
 
@@ -111,23 +114,42 @@ def _train_on_keys(train_on: str) -> dict:
     return {"roles_to_train": ["assistant"], "train_on_eos": "turn", "train_on_eot": "turn"}
 
 
-def _detect_local_format(stage: StageConfig, path: Path | None) -> str:
+def _detect_local_format(stage: StageConfig, cfg, path: Path | None) -> str:
     from ..data.formats import detect_format
     from ..data.sources import BadRecords, open_source
 
     if path is None:
         raise _unsupported(stage, "data.format is auto and the source is not a local file to look at")
     rows = [r.row for r in open_source(str(path), None).read(BadRecords("skip")).records[:50]]
-    return detect_format(rows, stage.data.fields)[0]
+    return detect_format(rows, cfg.fields)[0]
+
+
+def _train_on(stage: StageConfig) -> str:
+    """The stage's train_on as axolotl's roles see it: the one its sources share; assistant and last_assistant
+    together are written as per-turn flags."""
+    values = {item.train_on for item in stage.sources()}
+    if "all" in values and len(values) > 1:
+        raise TunebookError(f"stage {stage.name}: its sources train on different parts ({', '.join(sorted(values))}), "
+                            "which one axolotl dataset of pre-mixed conversations cannot say\n"
+                            "    fix: give the sources the same data.train_on, or use backend: hf")
+    return "all" if "all" in values else "last_assistant" if "last_assistant" in values else "assistant"
+
+
+def mixes(stage: StageConfig) -> bool:
+    """Whether the stage's data is a weighted mix (several items), which tunebook pre-mixes for axolotl."""
+    return len(stage.data_items()) > 1
 
 
 def source_dataset(recipe: Recipe, stage: StageConfig) -> tuple[dict, float]:
     """(axolotl dataset entry reading the stage's source itself, val_set_size)."""
-    cfg = stage.data
+    if mixes(stage):
+        raise _unsupported(stage, f"its data mixes {len(stage.data_items())} items by weight (axolotl concatenates "
+                                  "datasets, without weights, and cannot draw from another stage's training split)")
+    cfg = stage.sources()[0]
     if cfg.source.startswith("package:"):
         raise _unsupported(stage, f"data.source is {cfg.source} (data inside a Python package)")
     local = _local_path(cfg.source, recipe.base_dir)
-    fmt = cfg.format if cfg.format != "auto" else _detect_local_format(stage, local)
+    fmt = cfg.format if cfg.format != "auto" else _detect_local_format(stage, cfg, local)
     if fmt not in ("sharegpt", "messages"):
         raise _unsupported(stage, f"data.format is {fmt} (axolotl's own {fmt} prompt format is not a chat template)")
     if cfg.system_prompt:
@@ -159,7 +181,7 @@ def source_dataset(recipe: Recipe, stage: StageConfig) -> tuple[dict, float]:
 def files_dataset(files: Path, stage: StageConfig, per_turn_flags: bool) -> dict:
     entry = {"path": str(files), "ds_type": "json", "split": "train", "type": "chat_template",
              "field_messages": "messages", "message_property_mappings": {"role": "role", "content": "content"},
-             **_train_on_keys(stage.data.train_on)}
+             **_train_on_keys(_train_on(stage))}
     if per_turn_flags:
         entry["message_field_training"] = TRAINING_FLAG
     return entry
@@ -223,9 +245,11 @@ def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | No
         entry, val = source_dataset(recipe, stage)
         cfg["datasets"] = [entry]
         cfg["val_set_size"] = val
-    cfg["shuffle_merged_datasets"] = stage.data.shuffle
+    sources = stage.sources()
+    cfg["shuffle_merged_datasets"] = sources[0].shuffle
     cfg["sequence_len"] = model.max_seq_length
-    cfg["excess_length_strategy"] = stage.data.truncation
+    # what is left over-long in the written files comes from a source that truncates
+    cfg["excess_length_strategy"] = "truncate" if any(s.truncation == "truncate" for s in sources) else "drop"
     cfg["sample_packing"] = t.packing
     if t.packing:
         cfg["eval_sample_packing"] = False
@@ -290,67 +314,39 @@ def config_yaml(cfg: dict, header: str = "") -> str:
 
 # --------------------------------------------------------------------------------------------------- data
 
-def stage_conversations(recipe: Recipe, stage: StageConfig, tokenizer=None) -> tuple[list, list]:
-    """A stage's conversations as runner/data/prepare.py reads them (format, system prompt, shuffle,
-    max_samples). With a tokenizer: (train, val) exactly as prepare_stage chooses its samples (same length
-    policy, same split). Without: (all, []), left for axolotl to cut and split."""
-    from ..data.prepare import read_conversations
-    from ..data.report import DataReport
-    from ..data.sources import BadRecords, open_source
-    from ..data.split import shuffled, split_indices
-    from ..data.templates import resolve_chat_template
-    from ..data.tokenize import tokenize_conversations
-
-    cfg = stage.data
-    base = recipe.base_dir
-    source = open_source(cfg.source, base, subset=cfg.subset, split=cfg.split)
-    bad = BadRecords(cfg.on_bad_record)
-    conversations = read_conversations(source.read(bad).records, cfg, DataReport(), bad, lambda m: None)
-    if cfg.shuffle:
-        conversations = shuffled(conversations, recipe.seed)
-    if cfg.max_samples:
-        conversations = conversations[:cfg.max_samples]
-    if tokenizer is None:
-        return conversations, []
-    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=base)
-    kept = []  # the samples prepare_stage keeps: not dropped as too long, at least one trained token
-    for conv in conversations:
-        result = tokenize_conversations([conv], template, tokenizer, train_on=cfg.train_on,
-                                        max_length=recipe.model.max_seq_length, truncation=cfg.truncation)
-        if result.examples:
-            kept.append(conv)
-    if not kept:
-        raise TunebookError(f"stage {stage.name}: no sample has a token to train on\n"
-                            "    fix: run `tunebook data RECIPE` to see why")
-    train_idx, val_idx = split_indices(len(kept), cfg.val_size, recipe.seed)
-    return [kept[i] for i in train_idx], [kept[i] for i in val_idx]
-
-
-def _flagged(conv: list[dict]) -> list[dict]:
-    """train_on: last_assistant as per-turn flags: only the last assistant turn is trained."""
+def _flagged(conv: list[dict], last_only: bool = True) -> list[dict]:
+    """train_on as per-turn flags: only the last assistant turn is trained (last_assistant), or every one."""
     last = max(i for i, turn in enumerate(conv) if turn["role"] == "assistant")
-    return [{**turn, TRAINING_FLAG: i == last} for i, turn in enumerate(conv)]
+    return [{**turn, TRAINING_FLAG: i == last if last_only else turn["role"] == "assistant"}
+            for i, turn in enumerate(conv)]
 
 
 def write_stage_files(recipe: Recipe, stage: StageConfig, folder: Path, tokenizer=None, log=print) -> StageFiles:
     """The stage's conversations as JSON Lines in `folder` (written atomically): train.jsonl and val.jsonl
-    split as the hf backend splits them when a tokenizer is given, else one <stage>.jsonl for axolotl to split."""
-    train, val = stage_conversations(recipe, stage, tokenizer)
-    flags = stage.data.train_on == "last_assistant"
+    split as the hf backend splits them when a tokenizer is given, else one <stage>.jsonl for axolotl to split.
+    A mixed stage (several items) is written as its training mix, which needs the tokenizer."""
+    from ..data.conversations import stage_conversations
 
-    def lines(convs):
-        return "".join(json.dumps({"messages": _flagged(c) if flags else c}, ensure_ascii=False) + "\n" for c in convs)
+    convs = stage_conversations(recipe, stage, tokenizer)
+    train, val = convs.train, convs.val
+    sources = stage.sources()
+    flags = _train_on(stage) == "last_assistant"
+    last_only = [getattr(item, "train_on", "assistant") == "last_assistant" for item in stage.data_items()]
+
+    def lines(convs, items):
+        return "".join(json.dumps({"messages": _flagged(c, last_only[j]) if flags else c}, ensure_ascii=False) + "\n"
+                       for c, j in zip(convs, items))
 
     folder = Path(folder).resolve()
     if tokenizer is None:
         path = folder / f"{stage.name}.jsonl"
-        atomic.write_text(path, lines(train))
-        size = stage.data.val_size
+        atomic.write_text(path, lines(train, convs.train_items))
+        size = sources[0].val_size
         log(f"stage {stage.name}: {len(train):,} conversations written to {path}")
         return StageFiles(path, None, 1 / len(train) if size == 1 and train else size, flags, len(train))
-    atomic.write_text(folder / "train.jsonl", lines(train))
+    atomic.write_text(folder / "train.jsonl", lines(train, convs.train_items))
     if val:
-        atomic.write_text(folder / "val.jsonl", lines(val))
+        atomic.write_text(folder / "val.jsonl", lines(val, convs.val_items))
     log(f"stage {stage.name}: {len(train):,} training and {len(val):,} validation conversations written to {folder}")
     return StageFiles(folder / "train.jsonl", folder / "val.jsonl" if val else None, 0.0, flags, len(train) + len(val))
 
@@ -380,20 +376,31 @@ def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path
         log(f"model.base is {recipe.model.base}: using its converted model folder (converted once, then cached)")
         base_model = model_source(recipe.model, recipe.base_dir, log)
     out = {}
+    tokenizer = None
     for stage in stages:
         files = None
+        if mixes(stage) and tokenizer is None:  # weights count trained tokens: the mix needs the tokenizer
+            from ..model.base import load_tokenizer
+
+            tokenizer = load_tokenizer(recipe.model, base_dir=recipe.base_dir)
+        stage_tokenizer = tokenizer if mixes(stage) else None
         if data_dir is None:
             try:
                 source_dataset(recipe, stage)
             except Unexpressible as why:
                 log(str(why).split("\n")[0] + ": writing its conversations as JSON Lines")
-                files = write_stage_files(recipe, stage, stage_output_dir(recipe, stage).parent / "data", log=log)
+                files = write_stage_files(recipe, stage, stage_output_dir(recipe, stage).parent / "data",
+                                          stage_tokenizer, log=log)
         else:
-            files = write_stage_files(recipe, stage, Path(data_dir) / stage.name, log=log)
+            files = write_stage_files(recipe, stage, Path(data_dir) / stage.name, stage_tokenizer, log=log)
         cfg = axolotl_config(recipe, stage, files=files, base_model=base_model)
         i = recipe.stages.index(stage)
         header = [f"axolotl config for stage '{stage.name}' ({i + 1} of {len(recipe.stages)}) of tunebook recipe "
                   f"'{recipe.name}'", "written by `tunebook export-config --to axolotl`; run: axolotl train FILE"]
+        if mixes(stage):
+            parts = ", ".join(f"{item.name} {item.weight:g}" for item in stage.data_items())
+            header.append(f"pre-mixed by tunebook (axolotl has no dataset weights): {parts} of the trained tokens, "
+                          f"in {files.train}")
         if cfg.get("lora_model_dir"):
             header.append(f"lora_model_dir is stage '{recipe.stages[i - 1].name}''s output_dir: train that one first")
         out[stage.name] = config_yaml(cfg, "\n".join(header))

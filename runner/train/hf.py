@@ -36,8 +36,8 @@ class HfBackend:
             base, stage.init, recipe.lora, Path(job.previous.adapter) if job.previous else None,
             [Path(p) for p in job.lineage], quantized=recipe.model.load_in_4bit or recipe.model.load_in_8bit,
             gradient_checkpointing=t.gradient_checkpointing, token_ids=trainable_token_ids(recipe.lora, job.tokenizer))
-        collator = make_collator(job.tokenizer, t.packing, recipe.model.max_seq_length)
         data = job.data
+        collator = make_collator(job.tokenizer, t.packing, recipe.model.max_seq_length, len(data.mix.parts))
         if t.packing:  # whole rows packed ahead (best-fit decreasing): fuller rows than packing each batch
             data = dataclasses.replace(data, train=pack_examples(data.train, recipe.model.max_seq_length))
             log(f"stage {stage.name}: packed {len(job.data.train)} samples into {len(data.train)} rows")

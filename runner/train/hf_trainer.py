@@ -115,7 +115,12 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
         best_loss = math.inf
         best_step: int | None = None
 
+        mix_tokens = torch.zeros(max(1, len(data.mix.parts)), dtype=torch.float64)  # trained tokens per item
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            counts = inputs.pop("source_tokens", None)  # a mixed stage: what this batch holds of each item
+            if counts is not None:
+                self.mix_tokens += counts.to("cpu", torch.float64)
             labels = inputs.get("labels")
             if labels is not None:
                 self.tokens_seen += float((labels[..., 1:] != IGNORE_INDEX).sum())
@@ -135,14 +140,27 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             # bf16 autocast as in training (accelerate applies it only to a prepared model's forward)
+            # one evaluation per validation set; the stage's own number is over all of them, token-weighted
+            sets = data.val_sets or {"": data.val}
+            results = {}
             with torch.autocast(device(), dtype=torch.bfloat16, enabled=autocast_bf16), progress.evaluating() as bar:
-                result = evaluate_torch(self.model, data.val, batch_size=t.eval_batch_size or t.micro_batch_size,
-                                        progress=bar.callback(), pad_id=tokenizer.pad_token_id)
-            metrics = {f"{metric_key_prefix}_loss": result.loss, f"{metric_key_prefix}_ppl": result.ppl,
-                       f"{metric_key_prefix}_tokens": result.tokens}
+                for i, (name, samples) in enumerate(sets.items()):
+                    bar.update(status=name or None, total=len(sets) if len(sets) > 1 else None)
+                    results[name] = evaluate_torch(self.model, samples, batch_size=t.eval_batch_size or t.micro_batch_size,
+                                                   progress=bar.callback(offset=i, span=1) if len(sets) > 1
+                                                   else bar.callback(), pad_id=tokenizer.pad_token_id)
+            tokens = sum(r.tokens for r in results.values())
+            loss = sum(r.loss * r.tokens for r in results.values()) / tokens if tokens else math.nan
+            metrics = {f"{metric_key_prefix}_loss": loss,
+                       f"{metric_key_prefix}_ppl": math.exp(loss) if loss < 700 else math.inf,
+                       f"{metric_key_prefix}_tokens": tokens}
+            if len(results) > 1:  # flat keys: TensorBoard draws one curve per validation set
+                for name, r in results.items():
+                    metrics.update({f"{metric_key_prefix}_loss/{name}": r.loss, f"{metric_key_prefix}_ppl/{name}": r.ppl,
+                                    f"{metric_key_prefix}_tokens/{name}": r.tokens})
             step = self.state.global_step
-            if result.loss < self.best_loss:
-                self.best_loss, self.best_step = result.loss, step
+            if loss < self.best_loss:
+                self.best_loss, self.best_step = loss, step
                 if stage.train.keep == "best":
                     state = adapter_state_dict(self)  # every process: a sharded adapter is gathered first
                     if self.is_world_process_zero():
@@ -165,14 +183,22 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
             if "train_runtime" in logs:
                 return
             tokens = torch.tensor([trainer.tokens_seen], dtype=torch.float64)
+            mixed = trainer.mix_tokens.clone()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(tokens)
+                torch.distributed.all_reduce(mixed)
             if not state.is_world_process_zero:
                 return
             row = {"step": state.global_step, "epoch": state.epoch, "loss": logs.get("loss"),
                    "eval_loss": logs.get("eval_loss"), "eval_ppl": logs.get("eval_ppl"),
                    "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                    "tokens_seen": int(tokens.item()), "seconds": round(self.base_seconds + time.perf_counter() - self.start, 3)}
+            sets = {name: {k: logs[f"eval_{k}/{name}"] for k in ("loss", "ppl", "tokens")}
+                    for name in data.val_sets if f"eval_loss/{name}" in logs}
+            if sets:
+                row["eval_sets"] = sets
+            if len(data.mix.parts) > 1:
+                row["mix_tokens"] = {p.name: int(n) for p, n in zip(data.mix.parts, mixed.tolist())}
             metrics.append(row)
             progress.log(row)
 
@@ -230,6 +256,10 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
                                progress, interrupt)
         # counters go on from the checkpoint's; they are summed over processes, so only the main one carries them
         trainer.tokens_seen = float(metrics.last("tokens_seen")) if main else 0.0
+        resumed_mix = metrics.last("mix_tokens") if main else 0
+        if resumed_mix:
+            trainer.mix_tokens = torch.tensor([float(resumed_mix.get(p.name, 0)) for p in data.mix.parts],
+                                              dtype=torch.float64)
         trainer.report.base_seconds = float(metrics.last("seconds"))
         if shards_parameters() == "fsdp" and not trainer.is_fsdp_enabled and main:
             log(f"stage {stage.name}: accelerate shards with FSDP on GPUs only; on the CPU this launch is data "

@@ -7,7 +7,11 @@ import math
 import os
 from pathlib import Path
 
-FIELDS = ("step", "epoch", "loss", "eval_loss", "eval_ppl", "learning_rate", "grad_norm", "tokens_seen", "seconds")
+FIELDS = ("step", "epoch", "loss", "eval_loss", "eval_ppl", "learning_rate", "grad_norm", "tokens_seen", "seconds",
+          "eval_sets", "mix_tokens")
+# eval_sets: {validation column: {"loss", "ppl", "tokens"}} when a stage has several validation sets (eval_loss
+# and eval_ppl are then over all of them, token-weighted); mix_tokens: {item: trained tokens batched so far}
+# for a stage that mixes several items
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -50,8 +54,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
         return kept
 
-    def last(self, key: str) -> float:
-        """The latest value of a cumulative counter (tokens_seen, seconds), 0 when absent."""
+    def last(self, key: str):
+        """The latest value of a cumulative counter (tokens_seen, seconds, mix_tokens), 0 when absent."""
         for row in reversed(read_metrics(self.path)):
             if row.get(key) is not None:
                 return row[key]

@@ -57,6 +57,8 @@ class StageProgress:
         self.bar.update(status=self._status())
         if not self.bar.live:
             eval_part = f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_ppl']:.3f}" if row.get("eval_loss") is not None else ""
+            if row.get("eval_sets"):
+                eval_part += " (" + ", ".join(f"{name} {s['ppl']:.3f}" for name, s in row["eval_sets"].items()) + ")"
             loss_part = f" loss {row['loss']:.4f}" if row.get("loss") is not None else ""
             rate = f"{self.tokens_per_s:,.0f} tok/s, " if self.tokens_per_s else ""  # known from the second row on
             self.log_fn(f"  {self.name} step {row['step']}:{loss_part}{eval_part} ({rate}{row.get('seconds', 0):.0f} s)")
