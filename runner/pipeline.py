@@ -2,8 +2,8 @@
 
 Finished stages are skipped, an unfinished one resumes from its last checkpoint, and everything that can fail
 cheaply (the recipe, the base model, the data) fails before any training starts. After the last stage the
-forgetting matrix, the export, the quality checks and the report are made, each only when it is not up to
-date (runner/run_dir.py's freshness rule).
+forgetting matrix, the export, the quality checks, the evaluation gate and the report are made, each only when
+it is not up to date (runner/run_dir.py's freshness rule).
 """
 from __future__ import annotations
 
@@ -118,8 +118,9 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print) -> li
 def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared: dict, log=print,
                wall_start: float | None = None) -> None:
     """After the last stage: the forgetting matrix (several stages), the export and its quality checks (when the
-    recipe asks), the report; each made only when it is not up to date. `wall_start`: when this command
-    started, if it trained every stage (the report then gives the run's wall time)."""
+    recipe asks), the evaluation gate (when it names an evaluation set), the report; each made only when it is
+    not up to date. `wall_start`: when this command started, if it trained every stage (the report then gives
+    the run's wall time)."""
     from .measure.forgetting import forgetting_matrix
     from .measure.quality import check_export
     from .measure.report import write_run_report
@@ -134,6 +135,12 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
         last = recipe.stages[-1]
         if prepared[last.name].val:
             check_export(run, gguf, last.name, prepared[last.name].val, tokenizer, last.data.system_prompt, log=log)
+        if recipe.eval is not None:
+            from .export.stage_gguf import stage_gguf
+            from .measure.gate import gate_run
+
+            gate_run(recipe, run, gguf, tokenizer, last.data.system_prompt,
+                     lambda model: stage_gguf(recipe, run, model, log=log), log=log)
     if wall_start is not None:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1)}) + "\n")
     write_run_report(recipe, run, log=log)

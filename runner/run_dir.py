@@ -15,6 +15,8 @@ it. It holds three things:
     runs/<name>/merged/                             the final model, adapters merged in (safetensors)
     runs/<name>/<name>-<quant>.gguf                 the exported model, its chat template inside
     runs/<name>/quality.json, wall.json             checks of the served model; wall time of a full run
+    runs/<name>/gate/<model>.json                   the evaluation set answered by the served GGUF, the base
+                                                    model and the model after each stage (eval/gate.py)
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/made-from.json                      what each artifact above was made from
 """
@@ -155,6 +157,21 @@ class RunDir:
     wall_file = property(lambda self: self.path / "wall.json")
     report = property(lambda self: self.path / "report.md")
     ledger = property(lambda self: self.path / "made-from.json")
+
+    gate_dir = property(lambda self: self.path / "gate")
+
+    def gate_file(self, model: str) -> Path:
+        """The gate's answers and numbers for one model: `served` (the GGUF the chat serves), `base`, or a
+        stage's name (the model after that stage)."""
+        return self.gate_dir / f"{model}.json"
+
+    def gate_gguf(self, model: str, quant: str) -> Path:
+        """A stage's model exported only to be measured by the gate; removed once measured."""
+        return self.gate_dir / f"{model}-{quant}{GGUF_SUFFIX}"
+
+    def gate_merged(self, model: str) -> Path:
+        """Where that model is merged before its export; removed with it."""
+        return self.gate_dir / f"{model}-merged"
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self.path / name)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.report import (StageRow, compare_report, generation_section, plot_curves, quantization_section, run_report,
-                         targets_table)
+from eval.report import (StageRow, compare_report, gate_section, generation_section, plot_curves, quantization_section,
+                         run_report, targets_table)
 
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir, content_identity
 from ..train.metrics import read_metrics
+from .gate import read_gate
 from .targets import check_targets
 
 
@@ -33,7 +34,8 @@ def run_rows(run: RunDir) -> list[StageRow]:
     return rows
 
 
-def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality: dict | None) -> str:
+def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality: dict | None,
+                     gate: dict[str, dict] | None = None) -> str:
     parts = []
     for stage in recipe.stages:
         outcome = run.stage(stage.name).outcome()
@@ -41,6 +43,8 @@ def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality:
             parts.append(f"stage {stage.name} {outcome.seconds / 60:.1f} min ({outcome.steps} steps)")
     if quality:
         parts.append(f"quality checks {quality['seconds'] / 60:.1f} min")
+    if gate:
+        parts.append(f"evaluation gate {sum(g.get('seconds', 0) for g in gate.values()) / 60:.1f} min")
     text = "Training and checks: " + ", ".join(parts) + "." if parts else ""
     if wall_s is not None:
         text = (f"Wall time of the command that trained every stage: **{wall_s / 60:.1f} min** (data, model loads, "
@@ -51,18 +55,21 @@ def run_time_section(recipe: Recipe, run: RunDir, wall_s: float | None, quality:
 def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     """report.md's sections after the stage table: from forgetting.json, quality.json, wall.json, stage.json."""
     forgetting, quality, wall = _read(run.forgetting_file), _read(run.quality_file), _read(run.wall_file)
+    gate = read_gate(recipe, run)
     wall_s = wall["wall_s"] if wall else None
     sections = {}
-    targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s))
+    targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s, gate.get("served")))
     if targets:
         sections["Targets"] = targets
-    run_time = run_time_section(recipe, run, wall_s, quality)
+    run_time = run_time_section(recipe, run, wall_s, quality, gate)
     if run_time:
         sections["Run time"] = run_time
+    if gate:
+        sections["Evaluation gate: questions never trained on"] = gate_section(gate, Path(recipe.eval.data).name)
     if quality:
         sections["Quantization check"] = quantization_section(quality["quantization"], quality["stage"])
-        sections["Sample answers"] = generation_section(quality["generation"], quality["stage"],
-                                                        quality["val_examples"])
+        sections["In-distribution sample answers"] = generation_section(quality["generation"], quality["stage"],
+                                                                        quality["val_examples"])
     return sections
 
 
@@ -71,7 +78,8 @@ def report_inputs(recipe: Recipe, run: RunDir) -> dict:
             "stages": {s.name: content_identity(run.stage(s.name).metrics) for s in recipe.stages},
             "outcomes": {s.name: run.stage(s.name).identity() for s in recipe.stages},
             **{name: content_identity(path) for name, path in (("forgetting", run.forgetting_file),
-                                                                ("quality", run.quality_file), ("wall", run.wall_file))}}
+                                                                ("quality", run.quality_file), ("wall", run.wall_file))},
+            "gate": {path.name: content_identity(path) for path in sorted(run.gate_dir.glob("*.json"))}}
 
 
 def write_run_report(recipe: Recipe, run: RunDir, log=print) -> Path:
