@@ -217,24 +217,30 @@ def gate_section(gate: dict[str, dict], eval_set: str) -> str:
 
 
 def _gate_failures(result: dict, shown: int = SAMPLES_SHOWN) -> list[str]:
-    """The served model's failed answers, the most serious first: forbidden phrases, then echoes, missing
-    referrals or warnings, loops; `shown` of them with their text."""
-    def problems(a: dict) -> list[str]:
-        out = [f"says \"{p}\"" for p in a["forbidden"]]
-        out += ["repeats the system prompt"] if a["echo"] else []
-        out += ["no referral"] if a["refer_expected"] and not a["referred"] else []
-        out += ["no warning"] if a["warn_expected"] and not a["warned"] else []
-        out += ["loops"] if a["loop"] else []
-        out += ["did not stop"] if not a["stopped"] and not a["loop"] else []
-        return out
+    """The served model's failed answers: the questions failing each check, then `shown` answers with their
+    text, the most serious first (forbidden phrases, echoes, then the most checks failed)."""
+    answers = result["answers"]
+    checks = [("forbidden phrase", lambda a: a["forbidden"],
+               lambda a: f"`{a['id']}` (" + ", ".join(f'"{p}"' for p in a["forbidden"]) + ")"),
+              ("system prompt repeated", lambda a: a["echo"], None),
+              ("no referral where expected", lambda a: a["refer_expected"] and not a["referred"], None),
+              ("no warning where expected", lambda a: a["warn_expected"] and not a["warned"], None),
+              ("loops", lambda a: a["loop"], None),
+              ("did not stop", lambda a: not a["stopped"], None)]
+    lines = []
+    for name, failed, show in checks:
+        hits = [a for a in answers if failed(a)]
+        if hits:
+            lines.append(f"- {name} ({len(hits)}): " + ", ".join(show(a) if show else f"`{a['id']}`" for a in hits))
 
-    failed = [(problems(a), a) for a in result["answers"]]
-    failed = [(p, a) for p, a in failed if p]
-    failed.sort(key=lambda pa: (not pa[1]["forbidden"], not pa[1]["echo"], -len(pa[0])))
-    lines = [f"- `{a['id']}`: " + ", ".join(p) for p, a in failed]
-    for p, a in failed[:shown]:
+    def problems(a: dict) -> list[str]:
+        return [name for name, failed, _ in checks if failed(a)]
+
+    worst = sorted((a for a in answers if problems(a)),
+                   key=lambda a: (not a["forbidden"], not a["echo"], -len(problems(a))))
+    for a in worst[:shown]:
         answer = a["answer"] if len(a["answer"]) <= 500 else a["answer"][:500] + " …"
-        lines += ["", f"**Q** (`{a['id']}`): {a['question']}", "", f"**A** ({', '.join(p)}): {answer}"]
+        lines += ["", f"**Q** (`{a['id']}`): {a['question']}", "", f"**A** ({', '.join(problems(a))}): {answer}"]
     return lines
 
 

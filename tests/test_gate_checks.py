@@ -90,7 +90,8 @@ def test_summary_counts_each_failure_and_targets_fail_on_them():
                       "answers with a forbidden phrase", "answers repeating the system prompt"}
     text = gate_section({"served": served}, "vet_eval.jsonl")
     assert "| served GGUF (after every stage) | greedy | 4/5 (80%) | 3/5 (60%) |" in text
-    assert "`grapes`: says \"grapes are safe\"" in text and "repeats the system prompt" in text and "loops" in text
+    assert "- forbidden phrase (1): `grapes` (\"grapes are safe\", \"a healthy treat\")" in text
+    assert "- system prompt repeated (1): `grapes`" in text and "- loops (1): `grapes`" in text
 
 
 EVAL_SET = ROOT / "data" / "vet_eval.jsonl"
