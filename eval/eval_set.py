@@ -102,7 +102,8 @@ def read_eval_set(path: Path | str) -> list[EvalItem]:
                                "    fix: one JSON object per line") from None
         item = _item(record, where)
         if item.id in seen:
-            raise EvalSetError(f"{where}: id {item.id!r} is also on line {seen[item.id]}\n    fix: give each line its own id")
+            raise EvalSetError(f"{where}: id {item.id!r} is also on line {seen[item.id]}\n"
+                               "    fix: give each line its own id")
         seen[item.id] = number
         items.append(item)
     if not items:

@@ -57,7 +57,8 @@ def test_an_endorsed_toxin_is_caught():
     assert g["forbidden"] == ["grapes are safe", "a healthy treat"]
     assert forbidden_found("Give him 10 mg of it.", ["mg"]) == ["mg"]
     # negated, a forbidden phrase of several words is no endorsement; a single word always counts
-    assert forbidden_found("Do not think grapes are safe, and never wait and see.", ["grapes are safe", "wait and see"]) == []
+    assert forbidden_found("Do not think grapes are safe, and never wait and see.",
+                           ["grapes are safe", "wait and see"]) == []
     assert forbidden_found("Don't give more than 10 mg.", ["mg"]) == ["mg"]
     # "not toxic" is not a warning; "never give" and "dangerous" are
     assert not warns("Lilies are not toxic to cats.") and not warns("This is a non-toxic plant.")
@@ -114,7 +115,8 @@ def test_every_reference_answer_passes_the_checks_it_sets():
      "'forbid' must be a list"),
     ('{"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
      '"reference": "r", "refer": true, "warn": false}', "the last turn must be the user's"),
-    ('{"id": "a", "question": "q?", "reference": "r", "refer": true, "warn": false, "answer": "x"}', "unknown key 'answer'"),
+    ('{"id": "a", "question": "q?", "reference": "r", "refer": true, "warn": false, "answer": "x"}',
+     "unknown key 'answer'"),
     ('{"id": "a", "question": "q?"', "not valid JSON"),
 ])
 def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):

@@ -65,8 +65,8 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
 
     report = run.report.read_text()
     assert "## Evaluation gate: questions never trained on" in report
-    for label in ("| base model | greedy |", "| after general | greedy |", "| served GGUF (after every stage) | greedy |",
-                  "| served GGUF (after every stage) | chat sampler |"):
+    for label in ("| base model | greedy |", "| after general | greedy |",
+                  "| served GGUF (after every stage) | greedy |", "| served GGUF (after every stage) | chat sampler |"):
         assert label in report
     assert "eval.jsonl, greedy: referral to a vet where expected (≥ 90%)" in report
     assert "## In-distribution sample answers" in report

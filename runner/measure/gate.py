@@ -108,7 +108,7 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
             continue
         samples = samples if samples is not None else reference_samples(recipe, items, tokenizer, system_prompt)
         start = time.perf_counter()
-        label = "the served GGUF" if model == SERVED else ("the base model" if model == BASE else f"the model after {model}")
+        label = {SERVED: "the served GGUF", BASE: "the base model"}.get(model, f"the model after {model}")
         with run.making(target, inputs):
             if model == SERVED:
                 result = measure_model(served, items, samples, recipe, system_prompt, modes, label, log)

@@ -78,7 +78,8 @@ def report_inputs(recipe: Recipe, run: RunDir) -> dict:
             "stages": {s.name: content_identity(run.stage(s.name).metrics) for s in recipe.stages},
             "outcomes": {s.name: run.stage(s.name).identity() for s in recipe.stages},
             **{name: content_identity(path) for name, path in (("forgetting", run.forgetting_file),
-                                                                ("quality", run.quality_file), ("wall", run.wall_file))},
+                                                                ("quality", run.quality_file),
+                                                                ("wall", run.wall_file))},
             "gate": {path.name: content_identity(path) for path in sorted(run.gate_dir.glob("*.json"))}}
 
 
