@@ -126,3 +126,16 @@ def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):
     with pytest.raises(EvalSetError) as exc:
         read_eval_set(path)
     assert f"{path}:2: " in str(exc.value) and message in str(exc.value) and "fix:" in str(exc.value)
+
+
+def test_a_recipe_may_not_evaluate_on_its_training_data():
+    from runner.errors import RecipeError
+
+    quickstart = ROOT / "recipes" / "quickstart.yaml"
+    assert load_recipe(quickstart).eval.data == "data/vet_eval.jsonl"
+    with pytest.raises(RecipeError, match="the evaluation set is stage vet's training data"):
+        load_recipe(quickstart, ["eval.data=data/vet_qa.jsonl"])
+    with pytest.raises(RecipeError, match="evaluation set nowhere.jsonl not found"):
+        load_recipe(quickstart, ["eval.data=nowhere.jsonl"])
+    with pytest.raises(RecipeError, match="did you mean 'referral'"):
+        load_recipe(quickstart, ["targets.gate.referal=0.9"])
