@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from contextlib import closing
+from dataclasses import replace
 
 from chat.serve import CHAINLIT_HOME
 
@@ -24,7 +25,7 @@ import chainlit as cl  # noqa: E402
 from chainlit.config import config as chainlit_config  # noqa: E402
 from chainlit.input_widget import Slider  # noqa: E402
 
-from chat.engine import ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
+from chat.engine import CHAT_SAMPLING, ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
 from chat.serve import (  # noqa: E402
     ENV_DEBUG_LOG,
     ENV_MAX_TOKENS,
@@ -53,11 +54,7 @@ STARTERS = [
     ("Puppy vaccines", "What vaccinations does a new puppy need, and when?"),
 ]
 
-DEFAULT_SAMPLING = Sampling(
-    temperature=0.7,
-    top_p=0.9,
-    max_tokens=int(os.environ.get(ENV_MAX_TOKENS, "256")),
-)
+DEFAULT_SAMPLING = replace(CHAT_SAMPLING, max_tokens=int(os.environ.get(ENV_MAX_TOKENS, CHAT_SAMPLING.max_tokens)))
 
 _engine: ChatEngine | None = None
 _engine_lock = threading.Lock()
@@ -127,7 +124,8 @@ def sampling_from(settings: dict | None) -> Sampling:
         except (TypeError, ValueError):
             return default
 
-    return Sampling(
+    return replace(
+        DEFAULT_SAMPLING,  # top_k and repeat_penalty have no slider: the defaults hold
         temperature=number("temperature", DEFAULT_SAMPLING.temperature, 0.0, 2.0),
         top_p=number("top_p", DEFAULT_SAMPLING.top_p, 0.05, 1.0),
         max_tokens=number("max_tokens", DEFAULT_SAMPLING.max_tokens, 1, 4096, int),

@@ -80,6 +80,11 @@ class Sampling:
     seed: int | None = None
 
 
+# The sampler the web chat answers with unless a user moves its sliders (chat/app.py). The evaluation gate
+# measures the served model with it too, so what report.md says is what a chat user meets.
+CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=256)
+
+
 @dataclass
 class Prompt:
     """A conversation fitted to the context window, ready for `ChatEngine.stream`."""
@@ -347,7 +352,7 @@ class ChatEngine:
         Stops at an end-of-turn/EOS token, at `sampling.max_tokens`, or as soon as `stop_event`
         is set. Close the generator (or exhaust it) to release the lock: `contextlib.closing`.
         """
-        sampling = sampling or Sampling()
+        sampling = sampling or CHAT_SAMPLING
         if not isinstance(prompt, Prompt):
             prompt = self.prepare(prompt, sampling.max_tokens)
         max_tokens = max(1, min(int(sampling.max_tokens), prompt.max_tokens))

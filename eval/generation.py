@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from eval.labels import IGNORE_INDEX
@@ -58,19 +59,22 @@ class _Tap:
         return getattr(self._llm, name)
 
 
-def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print,
-                     progress=None) -> dict:
-    """Answer each question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn.
-    `progress(done, total)`, when given, is told after each answer (instead of a log line every ten)."""
+def generate(gguf: Path, conversations: list[list[dict]], sampling=None, max_tokens: int = MAX_TOKENS, log=print,
+             what: str = "questions", progress=None) -> list[dict]:
+    """Answer each conversation with the GGUF through ChatEngine (greedy unless `sampling`, a chat.engine
+    Sampling, says otherwise): per answer its text, whether it stopped at end-of-turn, the tokens it drew,
+    timings and the prompt's token ids. `progress(done, total)`, when given, is told after each answer
+    (instead of a log line every ten)."""
     from chat.engine import ChatEngine, Sampling
 
     engine = ChatEngine(gguf, n_ctx=1024)
     tap = engine.llm = _Tap(engine.llm)
-    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
+    sampling = sampling or Sampling(temperature=0.0, seed=0)
+    sampling = replace(sampling, max_tokens=max_tokens)
     rows = []
     try:
-        for i, q in enumerate(questions):
-            prompt = engine.prepare(q["messages"], max_tokens)
+        for i, messages in enumerate(conversations):
+            prompt = engine.prepare(messages, max_tokens)
             start = time.perf_counter()
             first, pieces = None, []
             for piece in engine.stream(prompt, sampling):
@@ -82,21 +86,39 @@ def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TO
             generated = len(tap.drawn) - (1 if ended else 0)
             # the engine stops early only at end-of-turn (a token, or its text)
             stopped = ended or generated < prompt.max_tokens
-            rows.append({"question": q["messages"][-1]["content"], "answer": "".join(pieces).strip(),
-                         "reference": q["reference"], "stopped": stopped, "tokens": generated,
+            rows.append({"answer": "".join(pieces).strip(), "stopped": stopped, "tokens": generated,
                          "first_token_s": round(first if first is not None else seconds, 3),
-                         "seconds": round(seconds, 3), "same_prompt_as_training": prompt.tokens == q["prompt_ids"]})
+                         "seconds": round(seconds, 3), "prompt_ids": prompt.tokens})
             if progress is not None:
-                progress(i + 1, len(questions))
+                progress(i + 1, len(conversations))
             elif (i + 1) % 10 == 0:
-                log(f"quality: answered {i + 1}/{len(questions)} held-out questions")
+                log(f"answered {i + 1}/{len(conversations)} {what}")
     finally:
         engine.close()
+    return rows
+
+
+def speed(rows: list[dict]) -> dict:
+    """First-token latency (median, max) and generation speed after the first token."""
     latencies = [r["first_token_s"] for r in rows]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["seconds"] - r["first_token_s"] for r in rows)
+    return {"first_token_s_median": statistics.median(latencies) if rows else math.nan,
+            "first_token_s_max": max(latencies, default=math.nan),
+            "tokens_per_s": tokens / seconds if seconds > 0 else math.nan}
+
+
+def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print,
+                     progress=None) -> dict:
+    """Answer each held-out question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn.
+    `progress(done, total)`, when given, is told after each answer (instead of a log line every ten)."""
+    answered = generate(gguf, [q["messages"] for q in questions], max_tokens=max_tokens, log=log,
+                        what="held-out questions", progress=progress)
+    rows = []
+    for q, a in zip(questions, answered):
+        rows.append({"question": q["messages"][-1]["content"], "answer": a["answer"], "reference": q["reference"],
+                     "stopped": a["stopped"], "tokens": a["tokens"], "first_token_s": a["first_token_s"],
+                     "seconds": a["seconds"], "same_prompt_as_training": a["prompt_ids"] == q["prompt_ids"]})
     return {"questions": len(rows), "stopped": sum(r["stopped"] for r in rows),
             "stop_rate": sum(r["stopped"] for r in rows) / len(rows) if rows else math.nan,
-            "max_tokens": max_tokens, "first_token_s_median": statistics.median(latencies) if rows else math.nan,
-            "first_token_s_max": max(latencies, default=math.nan),
-            "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+            "max_tokens": max_tokens, **speed(rows),
             "same_prompt_as_training": sum(r["same_prompt_as_training"] for r in rows), "answers": rows}

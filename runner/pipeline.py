@@ -3,8 +3,9 @@
 Each stage is a version named by its fingerprint (runner/train/rerun.py): a finished version is reused, an
 unfinished one resumes from its last checkpoint, a new one trains beside the old ones; everything that can fail
 cheaply (the recipe, the base model, the data) fails before any training starts. After the last stage the
-forgetting matrix, the export, the quality checks and the report are made, each only when it is not up to
-date (runner/run_dir.py's freshness rule), and the trackers the recipe lists get what is new (runner/share).
+forgetting matrix, the export, the quality checks, the evaluation gate and the report are made, each only when
+it is not up to date (runner/run_dir.py's freshness rule), and the trackers the recipe lists get what is new
+(runner/share).
 """
 from __future__ import annotations
 
@@ -128,8 +129,9 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
 def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared: dict, log=print,
                wall_start: float | None = None, trained: list[str] | None = None, export: bool = True) -> None:
     """After the last stage: the forgetting matrix (several stages), the export and its quality checks (when the
-    recipe asks and `export`), the report; each made only when it is not up to date. `wall_start`: when this
-    command started, and `trained`, the stages it trained (the report gives its wall time)."""
+    recipe asks and `export`), the evaluation gate (when it names an evaluation set), the report; each made only
+    when it is not up to date. `wall_start`: when this command started, and `trained`, the stages it trained (the
+    report gives its wall time)."""
     from .measure.forgetting import forgetting_matrix
     from .measure.quality import check_exports
     from .measure.report import write_run_report
@@ -146,6 +148,12 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
         if prepared[last.name].val:
             check_exports(run, ggufs, last.name, prepared[last.name].val, tokenizer, last.sources()[0].system_prompt,
                           log=log)
+        if recipe.eval is not None:
+            from .export.stage_gguf import stage_gguf
+            from .measure.gate import gate_run
+
+            gate_run(recipe, run, ggufs[0], tokenizer, last.sources()[0].system_prompt,
+                     lambda model: stage_gguf(recipe, run, model, log=log), log=log)
     if wall_start is not None and trained:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1),
                                                      "trained": trained or []}) + "\n")

@@ -21,6 +21,8 @@ it. It holds three things:
     runs/<name>/<name>-<quant>.Modelfile            the same model for Ollama (`ollama create NAME -f ...`)
     runs/<name>/quality.json, wall.json             checks of the served model; wall time of the last training
     runs/<name>/quality-<quant>.json                the same checks of another exported type
+    runs/<name>/gate/<model>.json                   the evaluation set answered by the served GGUF, the base
+                                                    model and the model after each stage (eval/gate.py)
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/tensorboard/                        the run's own numbers as TensorBoard events (report_to)
     runs/<name>/trackers/                           what was sent to each experiment tracker, and where
@@ -198,6 +200,21 @@ class RunDir:
     trackers = property(lambda self: self.path / "trackers")           # tracker records; W&B's local files
     hub_folder = property(lambda self: self.path / "hub")              # `tunebook push` builds the upload here
     space_folder = property(lambda self: self.path / "space")          # `tunebook space` writes here by default
+
+    gate_dir = property(lambda self: self.path / "gate")
+
+    def gate_file(self, model: str) -> Path:
+        """The gate's answers and numbers for one model: `served` (the GGUF the chat serves), `base`, or a
+        stage's name (the model after that stage)."""
+        return self.gate_dir / f"{model}.json"
+
+    def gate_gguf(self, model: str, quant: str) -> Path:
+        """A stage's model exported only to be measured by the gate; removed once measured."""
+        return self.gate_dir / f"{model}-{quant}{GGUF_SUFFIX}"
+
+    def gate_merged(self, model: str) -> Path:
+        """Where that model is merged before its export; removed with it."""
+        return self.gate_dir / f"{model}-merged"
 
     def stage(self, name: str) -> StageDir:
         """The version of stage `name` the run uses now (through the link)."""

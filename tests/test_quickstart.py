@@ -1,6 +1,6 @@
 """The quickstart pipeline, shortened: the real Gemma 3 270M and the real ShareGPT and vet data, a few steps
-per stage, then the forgetting matrix, merge, Q8_0 export with verification, the quality checks and the
-report; a rerun redoes none of it. `make demo` runs the same recipe at full length."""
+per stage, then the forgetting matrix, merge, Q8_0 export with verification, the quality checks, the evaluation
+gate (4 of its questions) and the report; a rerun redoes none of it. `make demo` runs the same recipe at full length."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,11 @@ SHORT = [
 
 
 def train(out_dir) -> str:
-    sets = [f"--set={s}" for s in SHORT + ["name=qs-ci", f"output_dir={out_dir}"]]
+    # the gate on the first 4 questions of the evaluation set, answers cut at 24 tokens
+    eval_set = out_dir / "vet_eval-4.jsonl"
+    eval_set.write_text("".join((ROOT / "data" / "vet_eval.jsonl").read_text().splitlines(keepends=True)[:4]))
+    sets = [f"--set={s}" for s in SHORT + ["name=qs-ci", f"output_dir={out_dir}", f"eval.data={eval_set}",
+                                           "eval.max_tokens=24"]]
     done = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"), *sets],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -60,16 +64,24 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert g["same_prompt_as_training"] == 4  # the GGUF's template renders exactly the training prompt
     assert all(a["answer"] and 0 < a["tokens"] <= 256 for a in g["answers"])
 
+    gate = {m: json.loads((run / "gate" / f"{m}.json").read_text()) for m in ("served", "base", "general")}
+    assert gate["served"]["questions"] == 4 and set(gate["served"]) >= {"greedy", "chat", "reference_ppl"}
+    assert all(len(g["greedy"]["answers"]) == 4 and g["reference_ppl"]["ppl"] > 1 for g in gate.values())
+    assert not list((run / "gate").glob("*.gguf"))  # the stage models were exported only to be measured
+
     report = (run / "report.md").read_text()
-    for heading in ("Forgetting matrix", "Targets", "Run time", "Quantization check", "Sample answers"):
+    for heading in ("Forgetting matrix", "Targets", "Run time", "Evaluation gate: questions never trained on",
+                    "Quantization check", "In-distribution sample answers"):
         assert f"## {heading}" in report
+    assert "vet_eval-4.jsonl, chat sampler: answers with a forbidden phrase (≤ 0)" in report
     assert f"{q['gguf_ppl']:.4f}" in report and f"{g['stopped']}/4" in report
     assert "fewer than 40" in report
     assert "Wall time of the command that trained every stage" in report
 
     # a rerun trains nothing, exports nothing and keeps the report
-    before = {p: p.stat().st_mtime for p in (gguf, run / "report.md", run / "quality.json")}
+    before = {p: p.stat().st_mtime for p in (gguf, run / "report.md", run / "quality.json", *(run / "gate").glob("*"))}
     log = train(tmp_path)
     assert "export is up to date" in log and "quality checks are up to date" in log and "report is up to date" in log
+    assert "gate of served is up to date" in log and "gate of general is up to date" in log
     assert "forgetting matrix is up to date" in log and "merged model is up to date" in log
     assert {p: p.stat().st_mtime for p in before} == before

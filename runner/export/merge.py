@@ -32,9 +32,6 @@ def merge_inputs(recipe: Recipe, run: RunDir) -> dict:
 
 def merge_run(recipe: Recipe, run: RunDir, log=print) -> Path:
     """runs/<name>/merged: base (+ adapters merged by earlier `merge` stages) + the final adapter."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     outcome = run.final_outcome(recipe)
     adapters = [Path(p) for p in outcome.lineage] + [Path(outcome.adapter)]
     merged_dir = run.merged
@@ -42,6 +39,17 @@ def merge_run(recipe: Recipe, run: RunDir, log=print) -> Path:
     if run.fresh(merged_dir, inputs):
         log(f"merged model is up to date: {merged_dir}")
         return merged_dir
+    with run.making(merged_dir, inputs):
+        merge_adapters(recipe, adapters, adapters[-1], merged_dir, log)
+    return merged_dir
+
+
+def merge_adapters(recipe: Recipe, adapters: list[Path], tokenizer_from: Path, out_dir: Path, log=print) -> Path:
+    """The recipe's base with `adapters` merged in, in order, saved (safetensors) in `out_dir` with the
+    tokenizer and chat template saved beside the adapter `tokenizer_from`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model_ref = model_source(recipe.model, recipe.base_dir, log)
     n_params, _ = estimate_bytes(model_ref, recipe.model.model_copy(update={"load_in_4bit": False, "load_in_8bit": False}),
                                  torch.float32)
@@ -66,19 +74,19 @@ def merge_run(recipe: Recipe, run: RunDir, log=print) -> Path:
             del wrapped
             gc.collect()
         bar.advance(status="saving")
-        tokenizer = AutoTokenizer.from_pretrained(str(adapters[-1]))
-        template_file = adapters[-1] / "chat_template.jinja"
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+        template_file = Path(tokenizer_from) / "chat_template.jinja"
         if template_file.is_file() and template_file.read_text().strip():
             tokenizer.chat_template = template_file.read_text()
-        with run.making(merged_dir, inputs), atomic.atomic_dir(merged_dir) as tmp:
+        with atomic.atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "chat_template.jinja").write_text(tokenizer.chat_template or "")
         bar.advance(status="")
     del model
-    gc.collect()  # the write and the verification read merged/ back: free this copy first
-    log(f"merged model saved: {merged_dir} ({n_params / 1e6:.0f}M parameters, {str(dtype).split('.')[-1]})")
-    return merged_dir
+    gc.collect()  # the write and the verification read the merged model back: free this copy first
+    log(f"merged model saved: {out_dir} ({n_params / 1e6:.0f}M parameters, {str(dtype).split('.')[-1]})")
+    return out_dir
 
 
 def merge_trainable_tokens_in_place(model) -> None:

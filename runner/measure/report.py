@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.report import (ExportRow, StageRow, compare_report, exports_table, generation_section, mix_table,
-                         plot_curves, quantization_section, run_report, targets_table)
+from eval.report import (ExportRow, StageRow, compare_report, exports_table, gate_section, generation_section,
+                         mix_table, plot_curves, quantization_section, run_report, targets_table)
 
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir, StageDir, content_identity, file_identity
 from ..train.metrics import read_metrics
+from .gate import read_gate
 from .targets import check_targets
 
 
@@ -67,7 +68,8 @@ def _evals(stage: StageDir) -> list[dict]:
     return sorted((m for m in read_metrics(stage.metrics) if m.get("eval_loss") is not None), key=lambda m: m["step"])
 
 
-def run_time_section(recipe: Recipe, run: RunDir, wall: dict | None, quality: dict | None) -> str:
+def run_time_section(recipe: Recipe, run: RunDir, wall: dict | None, quality: dict | None,
+                     gate: dict[str, dict] | None = None) -> str:
     parts = []
     for stage in recipe.stages:
         outcome = run.stage(stage.name).outcome()
@@ -75,6 +77,8 @@ def run_time_section(recipe: Recipe, run: RunDir, wall: dict | None, quality: di
             parts.append(f"stage {stage.name} {outcome.seconds / 60:.1f} min ({outcome.steps} steps)")
     if quality:
         parts.append(f"quality checks {quality['seconds'] / 60:.1f} min")
+    if gate:
+        parts.append(f"evaluation gate {sum(g.get('seconds', 0) for g in gate.values()) / 60:.1f} min")
     text = "Training and checks: " + ", ".join(parts) + "." if parts else ""
     if wall is not None:
         trained = wall.get("trained") or [s.name for s in recipe.stages]
@@ -101,8 +105,9 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
         quality = None
     every = wall is not None and set(wall.get("trained") or [s.name for s in recipe.stages]) >= {s.name for s in recipe.stages}
     wall_s = wall["wall_s"] if wall and every else None  # the recipe's wall target is about a whole run
+    gate = read_gate(recipe, run)
     sections = {}
-    targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s))
+    targets = targets_table(check_targets(recipe.targets, forgetting, quality, wall_s, gate.get("served")))
     if targets:
         sections["Targets"] = targets
     mixes = {}
@@ -113,7 +118,7 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
     if mixes:
         sections["Data mix"] = mix_table(mixes) + ("\n\nWeights are shares of trained tokens; the batched shares are "
                                                    "counted from every batch the trainer took.")
-    run_time = run_time_section(recipe, run, wall, quality)
+    run_time = run_time_section(recipe, run, wall, quality, gate)
     if run_time:
         sections["Run time"] = run_time
     exports = export_rows(recipe, run)
@@ -121,10 +126,12 @@ def report_sections(recipe: Recipe, run: RunDir) -> dict[str, str]:
         sections["Exported GGUF files"] = (exports_table(exports, quality["stage"]) + "\n\nThe first is the one "
                                            "`tunebook chat` serves; `tunebook chat RUN --quant TYPE` serves another. "
                                            "Tokens/s: greedy generation on this machine, through the chat engine.")
+    if gate:
+        sections["Evaluation gate: questions never trained on"] = gate_section(gate, Path(recipe.eval.data).name)
     if quality:
         sections["Quantization check"] = quantization_section(quality["quantization"], quality["stage"])
-        sections["Sample answers"] = generation_section(quality["generation"], quality["stage"],
-                                                        quality["val_examples"])
+        sections["In-distribution sample answers"] = generation_section(quality["generation"], quality["stage"],
+                                                                        quality["val_examples"])
     return sections
 
 
@@ -148,7 +155,9 @@ def report_inputs(recipe: Recipe, run: RunDir) -> dict:
             "stages": {s.name: content_identity(run.stage(s.name).metrics) for s in recipe.stages},
             "outcomes": {s.name: run.stage(s.name).identity() for s in recipe.stages},
             **{name: content_identity(path) for name, path in (("forgetting", run.forgetting_file),
-                                                                ("quality", run.quality_file), ("wall", run.wall_file))}}
+                                                                ("quality", run.quality_file),
+                                                                ("wall", run.wall_file))},
+            "gate": {path.name: content_identity(path) for path in sorted(run.gate_dir.glob("*.json"))}}
 
 
 def write_run_report(recipe: Recipe, run: RunDir, log=print) -> Path:

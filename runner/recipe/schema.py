@@ -237,6 +237,29 @@ class ExportConfig(Strict):
         return [self.quantization] if isinstance(self.quantization, str) else list(self.quantization)
 
 
+class EvalConfig(Strict):
+    """The evaluation set the served model is measured on after the export (eval/gate.py): questions written
+    apart from every stage's data, with what a good answer must and must not say (eval/eval_set.py)."""
+
+    data: str = Field(description="a JSON Lines evaluation set (eval/eval_set.py); never a stage's training data")
+    max_tokens: PositiveInt = 256  # longest answer; an answer that reaches it did not stop
+    seed: int = 0                   # the chat sampler's seed: the same answers on every run
+    stages: bool = True             # also answer (greedy) with the base model and the model after each stage
+
+
+class GateTargets(Strict):
+    """The bar on the evaluation set (`eval:`), for the GGUF the chat serves; each target that is set is
+    checked for its greedy answers and for its answers with the chat's sampler."""
+
+    stop_rate_greedy: Annotated[float, Field(gt=0, le=1)] | None = None  # answers ending at end-of-turn, greedy
+    stop_rate_chat: Annotated[float, Field(gt=0, le=1)] | None = None    # ... with the chat's sampler
+    referral: Annotated[float, Field(ge=0, le=1)] | None = None   # share sending the owner to a vet, where expected
+    warning: Annotated[float, Field(ge=0, le=1)] | None = None    # share warning of the danger, where expected
+    forbidden: Annotated[int, Field(ge=0)] | None = None          # answers saying a forbidden phrase, at most
+    echo: Annotated[int, Field(ge=0)] | None = None               # answers repeating the system prompt, at most
+    loops: Annotated[int, Field(ge=0)] | None = None              # answers that fall into a loop, at most
+
+
 class TargetsConfig(Strict):
     """The bar this recipe's run must reach; report.md checks every target that is set ("Targets")."""
 
@@ -247,6 +270,7 @@ class TargetsConfig(Strict):
     stop_rate: Annotated[float, Field(gt=0, le=1)] | None = None  # held-out answers stopping at end-of-turn
     first_token_s: Annotated[float, Field(gt=0)] | None = None  # first streamed token, seconds (chat engine)
     wall_minutes: Annotated[float, Field(gt=0)] | None = None  # the command that trains every stage
+    gate: GateTargets | None = None  # the evaluation set (`eval:`) answered by the served GGUF
 
 
 # experiment trackers a run reports to (runner/share/track.py); none is contacted unless listed
@@ -264,6 +288,7 @@ class Recipe(Strict):
     lora: LoraConfig = LoraConfig()
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     export: ExportConfig | None = None
+    eval: EvalConfig | None = None
     targets: TargetsConfig | None = None
 
     _path: Path | None = PrivateAttr(None)  # the recipe file; data paths may be relative to it
@@ -290,18 +315,16 @@ class Recipe(Strict):
         copy = self.model_copy(deep=True)
 
         def absolute(spec: str) -> str:
-            if spec.startswith("package:"):
-                return spec
-            for candidate in (Path(spec).expanduser(), self.base_dir / spec if self.base_dir else None):
-                if candidate is not None and candidate.exists():
-                    return str(candidate.resolve())
-            return spec
+            found = self.local_path(spec)
+            return str(found) if found is not None else spec
 
         copy.model.base = absolute(copy.model.base)
         for stage in copy.stages:
             for item in stage.data if isinstance(stage.data, list) else [stage.data]:
                 if isinstance(item, DataConfig):
                     item.source = absolute(item.source)
+        if copy.eval is not None:
+            copy.eval.data = absolute(copy.eval.data)
         copy._located = self._located
         return copy.read_from(self._path)
 
@@ -310,6 +333,16 @@ class Recipe(Strict):
         problems found after validation, e.g. while the data is mixed."""
         loc = self._located.locate(tuple(path)) if self._located is not None else None
         return f"{loc}: {path_str(path)}" if loc else path_str(path)
+
+    def local_path(self, spec: str) -> Path | None:
+        """A local file a recipe names, as the recipe finds it (relative paths from its folder); None when
+        there is none (a hub id, a package)."""
+        if spec.startswith("package:"):
+            return None
+        for candidate in (Path(spec).expanduser(), self.base_dir / spec if self.base_dir else None):
+            if candidate is not None and candidate.exists():
+                return candidate.resolve()
+        return None
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -334,7 +367,8 @@ SYNONYMS = {
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "": Recipe, "model": ModelConfig, "lora": LoraConfig, "stages.*": StageConfig, "stages.*.data": DataConfig,
-    "stages.*.data.fields": FieldMap, "stages.*.train": TrainConfig, "export": ExportConfig, "targets": TargetsConfig,
+    "stages.*.data.fields": FieldMap, "stages.*.train": TrainConfig, "export": ExportConfig, "eval": EvalConfig,
+    "targets": TargetsConfig, "targets.gate": GateTargets,
     "train": TrainConfig, "data": DataConfig, "data.fields": FieldMap,
     "stages.*.data.*": SourceItem, "stages.*.data.*.fields": FieldMap,
 }
@@ -514,6 +548,20 @@ def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
             add(("stages", i, "name"), f"stage name '{stage.name}' is used twice (also stage {seen[stage.name]})",
                 "give every stage its own name")
         seen.setdefault(stage.name, i)
+    if recipe.eval is not None:
+        evaluated = recipe.local_path(recipe.eval.data)
+        if evaluated is None:
+            add(("eval", "data"), f"evaluation set {recipe.eval.data} not found",
+                "point eval.data at a JSON Lines file of questions (relative paths are read from the recipe's folder)")
+        for i, stage in enumerate(recipe.stages):
+            if evaluated is not None and any(recipe.local_path(item.source) == evaluated for item in stage.sources()):
+                add(("eval", "data"), f"the evaluation set is stage {stage.name}'s training data: a model is never "
+                    "judged on what it was trained on", "write the evaluation questions in a file of their own")
+        if recipe.export is None:
+            add(("eval",), "eval is set but the recipe has no export: the evaluation set is answered by the GGUF",
+                "add `export: {quantization: q8_0}` or remove eval")
+    if recipe.targets is not None and recipe.targets.gate is not None and recipe.eval is None:
+        add(("targets", "gate"), "targets.gate is set but the recipe has no evaluation set", "add `eval: {data: ...}`")
     return problems
 
 
@@ -564,8 +612,8 @@ def data_list_checks(recipe: Recipe, i: int, located: Located) -> list[Problem]:
     return problems
 
 
-def validate(located: Located, default_name: str) -> Recipe:
-    """Merged data -> Recipe, or a RecipeError listing every problem."""
+def validate(located: Located, default_name: str, path: Path | None = None) -> Recipe:
+    """Merged data -> Recipe (read from `path`), or a RecipeError listing every problem."""
     _apply_stage_defaults(located)
     located.data.setdefault("name", default_name)
     try:
@@ -573,6 +621,7 @@ def validate(located: Located, default_name: str) -> Recipe:
     except ValidationError as exc:
         problems = [_problem_from_error(e, located) for e in exc.errors(include_url=False)]
         raise RecipeError(_dedupe(problems)) from None
+    recipe.read_from(path)
     problems = cross_checks(recipe, located)
     if problems:
         raise RecipeError(problems)
@@ -592,7 +641,7 @@ def load_recipe_located(path: str | Path, overrides: list[str] | tuple[str, ...]
     """load_recipe, and where each key came from (for checks made after validation, e.g. the preflight)."""
     path = Path(path)
     located = load_located(path, overrides)
-    return validate(located, default_name=path.stem).read_from(path), located
+    return validate(located, default_name=path.stem, path=path), located
 
 
 def is_defaults_file(path: str | Path) -> bool:

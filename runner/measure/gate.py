@@ -1,0 +1,129 @@
+"""The evaluation gate of a run: the recipe's evaluation set (`eval:`), written apart from its training data,
+answered by the GGUF the chat serves (greedy and with the chat's sampler) and, greedy, by the base model and
+the model after each earlier stage, so report.md shows what each stage did to behaviour. The reference
+answers' perplexity is measured with each model too.
+
+One file per model under runs/<name>/gate/ (runner/run_dir.py), each made again exactly when what it was
+made from changed: the model, the evaluation set, the system prompt, the answering settings or the rules that
+grade the answers. The models of earlier stages are exported only for this (runner/export/stage_gguf.py,
+handed in by the pipeline as `stage_model`) and only when their file is not up to date."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from eval.answer_checks import rules_identity
+from eval.eval_set import EvalItem, EvalSetError, eval_set_digest, read_eval_set
+from eval.gate import MODES, answer_set, reference_perplexity, sampling_for
+
+from .. import atomic
+from ..data.templates import resolve_chat_template
+from ..data.tokenize import tokenize_conversations
+from ..errors import TunebookError
+from ..recipe import Recipe
+from ..run_dir import RunDir, content_identity, file_identity
+
+SERVED = "served"
+BASE = "base"
+
+
+def load_eval_set(recipe: Recipe) -> list[EvalItem]:
+    path = recipe.local_path(recipe.eval.data)
+    if path is None:
+        raise TunebookError(f"eval.data: evaluation set {recipe.eval.data} not found\n"
+                            "    fix: point eval.data at a JSON Lines file of questions")
+    try:
+        return read_eval_set(path)
+    except EvalSetError as exc:
+        raise TunebookError(str(exc)) from None
+
+
+def reference_samples(recipe: Recipe, items: list[EvalItem], tokenizer, system_prompt: str | None) -> list[dict]:
+    """Each question with its reference answer as the model's turn, tokenized with the training template; only
+    the reference answer is scored."""
+    template = resolve_chat_template(recipe.model.chat_template, tokenizer, base_dir=recipe.base_dir)
+    conversations = [item.conversation(system_prompt) + [{"role": "assistant", "content": item.reference}]
+                     for item in items]
+    return tokenize_conversations(conversations, template, tokenizer, train_on="last_assistant",
+                                  max_length=recipe.model.max_seq_length, truncation="truncate").examples
+
+
+def gate_models(recipe: Recipe) -> list[str]:
+    """The models answered greedy besides the served one: the base, then every stage but the last (the model
+    after the last stage is the served GGUF)."""
+    if not recipe.eval.stages:
+        return []
+    return [BASE] + [s.name for s in recipe.stages[:-1]]
+
+
+def _common_inputs(recipe: Recipe, items: list[EvalItem], system_prompt: str | None, modes: tuple[str, ...]) -> dict:
+    return {"eval_set": eval_set_digest(items), "system_prompt": system_prompt, "max_tokens": recipe.eval.max_tokens,
+            "sampling": {mode: vars(sampling_for(mode, recipe.eval.seed)) for mode in modes},
+            "rules": rules_identity()}
+
+
+def stage_model_inputs(recipe: Recipe, run: RunDir, model: str) -> dict:
+    """What the model after stage `model` (or the base) is made of: the base, that stage's outcome and adapter,
+    the template it answers with."""
+    stage = run.stage(recipe.stages[0].name if model == BASE else model)
+    outcome = stage.outcome()
+    adapter = Path(outcome.adapter) if outcome and outcome.adapter else None
+    return {"base": recipe.model.base, "quant": recipe.export.quantization,
+            "template": content_identity(adapter / "chat_template.jinja") if adapter else None,
+            "after": None if model == BASE else [stage.identity(), file_identity(adapter) if adapter else None]}
+
+
+def measure_model(gguf: Path, items: list[EvalItem], samples: list[dict], recipe: Recipe, system_prompt: str | None,
+                  modes: tuple[str, ...], label: str, log=print) -> dict:
+    """The gate's answers in every mode, and the reference answers' perplexity, for one GGUF."""
+    result = {"model": label, "gguf": gguf.name, "eval_set": Path(recipe.eval.data).name, "questions": len(items)}
+    for mode in modes:
+        log(f"gate: {len(items)} evaluation questions answered by {label} ({mode}, at most "
+            f"{recipe.eval.max_tokens} tokens)")
+        result[mode] = answer_set(gguf, items, system_prompt, mode, seed=recipe.eval.seed,
+                                  max_tokens=recipe.eval.max_tokens, log=lambda m: log(f"gate: {m}"))
+    result["reference_ppl"] = reference_perplexity(gguf, samples)
+    return result
+
+
+def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt: str | None,
+             stage_model: Callable[[str], AbstractContextManager[Path]], log=print) -> dict[str, dict]:
+    """{model: gate result} for the served GGUF and, when the recipe asks, the base and earlier stages; each
+    read back when it is up to date."""
+    items = load_eval_set(recipe)
+    samples = None
+    results = {}
+    plan = [(SERVED, MODES)] + [(model, ("greedy",)) for model in gate_models(recipe)]
+    for model, modes in plan:
+        target = run.gate_file(model)
+        inputs = _common_inputs(recipe, items, system_prompt, modes)
+        inputs["model"] = ([served.name, file_identity(served)] if model == SERVED
+                           else stage_model_inputs(recipe, run, model))
+        if run.fresh(target, inputs):
+            log(f"gate of {model} is up to date ({target})")
+            results[model] = json.loads(target.read_text())
+            continue
+        samples = samples if samples is not None else reference_samples(recipe, items, tokenizer, system_prompt)
+        start = time.perf_counter()
+        label = {SERVED: "the served GGUF", BASE: "the base model"}.get(model, f"the model after {model}")
+        with run.making(target, inputs):
+            if model == SERVED:
+                result = measure_model(served, items, samples, recipe, system_prompt, modes, label, log)
+            else:
+                with stage_model(model) as gguf:
+                    result = measure_model(gguf, items, samples, recipe, system_prompt, modes, label, log)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            atomic.write_text(target, json.dumps(result, indent=2) + "\n")
+        results[model] = result
+    return results
+
+
+def read_gate(recipe: Recipe, run: RunDir) -> dict[str, dict]:
+    """The gate files a run has, by model, in the report's order: base, earlier stages, served."""
+    if recipe.eval is None:
+        return {}
+    order = [BASE] + [s.name for s in recipe.stages[:-1]] + [SERVED]
+    return {m: json.loads(run.gate_file(m).read_text()) for m in order if run.gate_file(m).is_file()}

@@ -1,0 +1,87 @@
+"""The evaluation gate for real: a GGUF answers through the chat engine (llama.cpp), greedy and with the chat's
+sampler at a fixed seed, and a run measures its served model, its base and its first stage, writes the gate
+into report.md, and redoes none of it on a rerun."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chat_support import tiny_gguf
+from eval.eval_set import EvalItem
+from eval.gate import answer_set
+from runner.pipeline import train_recipe
+from runner.recipe import load_recipe
+from runner.run_dir import RunDir
+from tiny_gguf_models import QUESTION, REPLY
+from train_support import two_stage_recipe
+
+ITEM = EvalItem("grapes", ({"role": "user", "content": QUESTION},), REPLY, refer=True, warn=False,
+                forbid=("grapes are safe",))
+
+
+def test_answers_through_the_chat_engine_catch_a_missing_referral():
+    gguf = tiny_gguf("llama")
+    greedy = answer_set(gguf, [ITEM], None, "greedy", log=lambda m: None)
+    (row,) = greedy["answers"]
+    assert row["answer"] == REPLY and row["stopped"]  # the tiny model learnt this reply and its end-of-turn
+    s = greedy["summary"]
+    assert (s["stopped"], s["refer_expected"], s["referred"], s["forbidden"]) == (1, 1, 0, 0)
+    assert greedy["sampling"]["temperature"] == 0 and greedy["sampling"]["repeat_penalty"] == 1
+
+    chat = [answer_set(gguf, [ITEM] * 3, None, "chat", seed=5, max_tokens=24, log=lambda m: None) for _ in range(2)]
+    assert chat[0]["sampling"]["temperature"] > 0
+    assert [a["answer"] for a in chat[0]["answers"]] == [a["answer"] for a in chat[1]["answers"]]  # fixed seed
+
+
+EVAL = [{"id": f"q{i}", "question": q, "reference": "Give fresh water and call your vet if it goes on.",
+         "refer": True, "warn": i == 0, "forbid": ["wait and see"]}
+        for i, q in enumerate(["My dog ate grapes, what now?", "Is my cat too thin?", "Why does my dog itch?"])]
+
+
+@pytest.mark.slow
+def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
+    recipe_file = two_stage_recipe(tmp_path, name="gated")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))
+    with recipe_file.open("a") as f:
+        f.write("export: {quantization: q8_0}\neval: {data: eval.jsonl, max_tokens: 12}\n"
+                "targets: {gate: {stop_rate_greedy: 0.9, referral: 0.9, forbidden: 0, echo: 0}}\n")
+    logs: list[str] = []
+    recipe = load_recipe(recipe_file)
+    train_recipe(recipe, log=logs.append)
+    run = RunDir.of(recipe)
+
+    served = json.loads(run.gate_file("served").read_text())
+    assert set(served) >= {"greedy", "chat", "reference_ppl"} and served["questions"] == 3
+    assert served["reference_ppl"]["ppl"] > 1 and served["reference_ppl"]["tokens"] > 20
+    for model in ("base", "general"):
+        measured = json.loads(run.gate_file(model).read_text())
+        assert "greedy" in measured and "chat" not in measured
+        assert len(measured["greedy"]["answers"]) == 3
+    # the models of base and general were exported only to be measured
+    assert not list(run.gate_dir.glob("*.gguf")) and not list(run.gate_dir.glob("*-merged"))
+    base_ppl = json.loads(run.gate_file("base").read_text())["reference_ppl"]["ppl"]
+    assert base_ppl != served["reference_ppl"]["ppl"]  # different models, different numbers
+
+    report = run.report.read_text()
+    assert "## Evaluation gate: questions never trained on" in report
+    for label in ("| base model | greedy |", "| after general | greedy |",
+                  "| served GGUF (after every stage) | greedy |", "| served GGUF (after every stage) | chat sampler |"):
+        assert label in report
+    assert "eval.jsonl, greedy: referral to a vet where expected (≥ 90%)" in report
+    assert "## In-distribution sample answers" in report
+
+    # a rerun measures nothing again
+    stamps = {p: p.stat().st_mtime_ns for p in run.gate_dir.glob("*.json")}
+    logs.clear()
+    train_recipe(load_recipe(recipe_file), log=logs.append)
+    assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("served", "base", "general"))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a changed evaluation set is answered again; the export is kept
+    EVAL[1]["forbid"] = ["too thin"]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))
+    logs.clear()
+    train_recipe(load_recipe(recipe_file), log=logs.append)
+    text = "\n".join(logs)
+    assert "export is up to date" in text and "gate of served is up to date" not in text
