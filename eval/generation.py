@@ -42,28 +42,11 @@ def held_out_questions(val: list[dict], tokenizer, system_prompt: str | None, n:
     return out
 
 
-class _Tap:
-    """Stands in for the engine's llama.cpp model and remembers the tokens generation drew."""
-
-    def __init__(self, llm):
-        self._llm, self.drawn = llm, []
-
-    def generate(self, *args, **kwargs):
-        self.drawn = []
-        for token in self._llm.generate(*args, **kwargs):
-            self.drawn.append(token)
-            yield token
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-
 def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TOKENS, log=print) -> dict:
     """Answer each question with the GGUF through ChatEngine (greedy); whether it stopped at end-of-turn."""
     from chat.engine import ChatEngine, Sampling
 
-    engine = ChatEngine(gguf, n_ctx=1024)
-    tap = engine.llm = _Tap(engine.llm)
+    engine = ChatEngine(gguf, n_ctx=1024)  # one conversation at a time: each answer as a lone user gets it
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     rows = []
     try:
@@ -71,15 +54,14 @@ def answer_questions(gguf: Path, questions: list[dict], max_tokens: int = MAX_TO
             prompt = engine.prepare(q["messages"], max_tokens)
             start = time.perf_counter()
             first, pieces = None, []
-            for piece in engine.stream(prompt, sampling):
+            generation = engine.start(prompt, sampling)
+            for piece in generation:
                 first = first if first is not None else time.perf_counter() - start
                 pieces.append(piece)
             seconds = time.perf_counter() - start
-            last = tap.drawn[-1] if tap.drawn else None
-            ended = last is not None and engine.is_end_token(last)
-            generated = len(tap.drawn) - (1 if ended else 0)
+            generated = len(generation.tokens)
             # the engine stops early only at end-of-turn (a token, or its text)
-            stopped = ended or generated < prompt.max_tokens
+            stopped = generation.finish_reason == "stop"
             rows.append({"question": q["messages"][-1]["content"], "answer": "".join(pieces).strip(),
                          "reference": q["reference"], "stopped": stopped, "tokens": generated,
                          "first_token_s": round(first if first is not None else seconds, 3),
