@@ -41,6 +41,8 @@ SUPPORTED_GGUF_VERSIONS = (2, 3)
 # chosen by the special tokens the vocabulary has.
 FALLBACK_TEMPLATES = {name: strip_generation_markers(template_text(name)) for name in template_names()}
 TRIM_NOTE = " [...]"
+# Conversations the servers (web chat, API) decode together; more wait in line.
+DEFAULT_PARALLEL = 8
 
 
 def _complete_utf8_length(data: bytes) -> int:

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from chat.engine import DEFAULT_PARALLEL
+
 from ..errors import TunebookError
 from ..run_dir import RunDir, newest_run_with_gguf
 
@@ -15,6 +17,7 @@ def chat(
                                                   show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    parallel: Annotated[int, typer.Option(min=1, help="Conversations decoded together; more wait in line.")] = DEFAULT_PARALLEL,
 ) -> None:
     """Start the web chat on the exported GGUF (CPU, llama-cpp-python), with the run's system prompt."""
     from rich.console import Console
@@ -29,6 +32,6 @@ def chat(
     try:
         gguf = check_gguf(target if target.is_file() else run.find_gguf())
         Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
-        serve(gguf, host=host, port=port, system_prompt=run.system_prompt())
+        serve(gguf, host=host, port=port, system_prompt=run.system_prompt(), parallel=parallel)
     except ChatError as exc:
         raise TunebookError(str(exc)) from None
