@@ -14,18 +14,20 @@ from .eval import eval_
 from .export import compare, export
 from .options import err
 from .recipe import plan, validate
+from .serve import serve
 from .train import train
 
 app = typer.Typer(
     name="tunebook",
-    help="Declarative LoRA/QLoRA fine-tuning recipes: validate, plan, train, evaluate, export, chat.",
+    help="Declarative LoRA/QLoRA fine-tuning recipes: validate, plan, train, evaluate, export, chat, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("eval", eval_),
-                      ("export", export), ("compare", compare), ("chat", chat), ("export-config", export_config)):
+                      ("export", export), ("compare", compare), ("chat", chat), ("serve", serve),
+                      ("export-config", export_config)):
     app.command(name)(command)
 
 
