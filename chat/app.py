@@ -279,17 +279,18 @@ async def stream_reply(
             loop.call_soon_threadsafe(pieces.put_nowait, done)
 
     threading.Thread(target=work, name="chat-reply", daemon=True).start()
-    shown, text = READING, ""
+    shown, text, getter = READING, "", None
     try:
         while True:
-            try:
-                piece = await asyncio.wait_for(pieces.get(), timeout=0.5 if not text else None)
-            except asyncio.TimeoutError:  # no word yet: keep the place in line up to date
+            getter = getter or asyncio.ensure_future(pieces.get())  # kept across timeouts: no piece is lost
+            finished, _ = await asyncio.wait({getter}, timeout=0.5 if not text else None)
+            if not finished:  # no word yet: keep the place in line up to date
                 status = status_text(generation.queue_position)
                 if status != shown:
                     shown = status
                     await reply.stream_token(status, is_sequence=True)
                 continue
+            piece, getter = getter.result(), None
             if piece is done:
                 break
             if isinstance(piece, BaseException):
@@ -299,6 +300,8 @@ async def stream_reply(
             await reply.stream_token(text if first else piece, is_sequence=first)  # the first word replaces the status
     except BaseException:
         generation.cancel()
+        if getter is not None:
+            getter.cancel()
         reply.content = text
         raise
     reply.content = text

@@ -91,8 +91,10 @@ class Batcher:
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
+        self._forget = threading.Event()
         self.steps = 0  # decode calls (tests, benchmarks)
         self.largest_batch = 0  # most replies decoded in one step
+        self.decode_s = self.sample_s = 0.0  # time in llama_decode and in the samplers (benchmarks)
         self._thread = threading.Thread(target=self._run, name="llama-batcher", daemon=True)
         self._thread.start()
 
@@ -123,6 +125,14 @@ class Batcher:
         with self._cv:
             return sum(s.request is not None for s in self._sequences), len(self._waiting)
 
+    def forget(self) -> None:
+        """Drop what idle sequences hold, so the next requests read their prompts in full; returns once done."""
+        with self._cv:
+            self._forget.set()
+            self._cv.notify()
+            while self._forget.is_set() and self._thread.is_alive():
+                self._cv.wait(0.05)
+
     def close(self) -> None:
         with self._cv:
             self._closing = True
@@ -137,10 +147,17 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closing and not self._waiting and not self._active():
+                while not self._closing and not self._waiting and not self._active() and not self._forget.is_set():
                     self._cv.wait()
                 if self._closing:
                     break
+                if self._forget.is_set():
+                    for s in self._sequences:
+                        if s.request is None:
+                            self._llama.llama_memory_seq_rm(self._memory, s.seq, -1, -1)
+                            s.cached = []
+                    self._forget.clear()
+                    self._cv.notify_all()
                 self._drop_cancelled_waiting()
                 self._admit()
             self._finish_cancelled()
@@ -232,7 +249,9 @@ class Batcher:
         batch.n_tokens = n
         self.largest_batch = max(self.largest_batch, len(generating))
 
+        started = time.perf_counter()
         code = self._llama.llama_decode(self._ctx, batch)
+        self.decode_s += time.perf_counter() - started
         self.steps += 1
         if code != 0:
             self._fail_active(RuntimeError(f"llama_decode returned {code}"))
@@ -248,7 +267,9 @@ class Batcher:
             del s.request.pending[:count]
         for s, index in sample_at:
             r = s.request
+            started = time.perf_counter()
             token = self.sample(r, index)
+            self.sample_s += time.perf_counter() - started
             if self._is_end(token):
                 self._finish(s, Done("stop"))
                 continue

@@ -24,6 +24,7 @@ import queue
 import random
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,9 +157,9 @@ class Generation:
         self.engine, self.prompt, self._request = engine, prompt, request
         self._stops, self._stop_event = stops, stop_event
         self.tokens: list[int] = []
+        self.token_times: list[float] = []  # time.perf_counter() when each token reached this reply (benchmarks)
         self.text = ""
         self.finish_reason: str | None = None
-        self.ended_with_token = False  # the model wrote its end-of-turn token
 
     @property
     def queue_position(self) -> int | None:
@@ -192,9 +193,9 @@ class Generation:
                     if item.error is not None:
                         raise ChatError(f"generating the reply failed: {item.error}") from item.error
                     self.finish_reason = item.reason
-                    self.ended_with_token = item.reason == "stop"
                     break
                 self.tokens.append(item)
+                self.token_times.append(time.perf_counter())
                 data += engine.token_bytes(item)
                 text = data[: _complete_utf8_length(data)].decode("utf-8", "replace")
                 cut = _first_stop(text, self._stops)
@@ -484,6 +485,10 @@ class ChatEngine:
     def reply(self, messages: list[dict] | Prompt, sampling: Sampling | None = None) -> str:
         """The whole reply at once (tests, scripts)."""
         return self.start(messages, sampling).reply()
+
+    def forget_cached_prompts(self) -> None:
+        """Empty the cache of every idle sequence, so the next prompt is read in full (benchmarks)."""
+        self.batcher.forget()
 
     def close(self) -> None:
         batcher = getattr(self, "batcher", None)
