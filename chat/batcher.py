@@ -14,6 +14,7 @@ tokens are read; with nothing worth reusing, the least recently used one. Caller
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -80,7 +81,7 @@ class Batcher:
 
     `is_end(token)` says whether a sampled token ends a reply (it is then not passed on)."""
 
-    def __init__(self, llama_cpp, ctx, parallel: int, n_batch: int, is_end):
+    def __init__(self, llama_cpp, ctx, parallel: int, n_batch: int, is_end, sample_threads: int = 1):
         self._llama, self._ctx = llama_cpp, ctx
         self.parallel, self.n_batch = parallel, n_batch
         self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)  # each sequence's own window
@@ -88,6 +89,9 @@ class Batcher:
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._sequences = [_Sequence(i) for i in range(parallel)]
+        # Drawing a token reads the whole vocabulary's logits (262k for Gemma 3): several replies draw at once.
+        self._pool = (concurrent.futures.ThreadPoolExecutor(min(sample_threads, parallel), thread_name_prefix="sampler")
+                      if min(sample_threads, parallel) > 1 else None)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -138,6 +142,8 @@ class Batcher:
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout=30)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._batch is not None and not self._thread.is_alive():
             self._llama.llama_batch_free(self._batch)
             self._batch = None
@@ -265,11 +271,16 @@ class Batcher:
             s = self._sequences[seq]
             s.cached.extend(s.request.pending[:count])
             del s.request.pending[:count]
-        for s, index in sample_at:
+        started = time.perf_counter()
+        if self._pool is not None and len(sample_at) > 1:
+            # Sort and synchronize the outputs here, once: the samplers (each its own) then only read the logits.
+            self._llama.llama_get_logits(self._ctx)
+            tokens = list(self._pool.map(lambda item: self.sample(item[0].request, item[1]), sample_at))
+        else:
+            tokens = [self.sample(s.request, index) for s, index in sample_at]
+        self.sample_s += time.perf_counter() - started
+        for (s, _), token in zip(sample_at, tokens):
             r = s.request
-            started = time.perf_counter()
-            token = self.sample(r, index)
-            self.sample_s += time.perf_counter() - started
             if self._is_end(token):
                 self._finish(s, Done("stop"))
                 continue

@@ -309,7 +309,8 @@ class ChatEngine:
                 self.stop_ids.add(ids[0])
         self._vocab, self._is_eog = model.vocab, llama_cpp.llama_vocab_is_eog
         self._piece_buffer = threading.local()
-        self.batcher = Batcher(llama_cpp, self._context.ctx, parallel, n_batch, self.is_end_token)
+        self.batcher = Batcher(llama_cpp, self._context.ctx, parallel, n_batch, self.is_end_token,
+                               sample_threads=self.n_threads)
         self.n_ctx = self.batcher.n_ctx
 
     def is_end_token(self, token: int) -> bool:
