@@ -39,7 +39,9 @@ def load():
 
     set_verbose(False)  # llama.cpp's own log: errors only
     lib_dir = Path(bindings._base_path)
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+    # ggml's functions as libllama links them: a wheel holds libggml.so and libggml.so.0 as two copies, and
+    # only the instance libllama uses (found through its own handle) counts.
+    ggml = bindings._lib
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     if ggml.ggml_backend_reg_count() == 0:  # built with GGML_BACKEND_DL: nothing is registered yet
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
