@@ -7,9 +7,18 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 AXOLOTL_VENV := .venv-axolotl
 UNSLOTH_VENV := .venv-unsloth
-# llama.cpp's native build segfaults on AMX Xeons for batches > 1 token (llama.cpp#20824).
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama-cpp-python has no binary wheel on PyPI: set-up compiles it once per version and flags into the cache
+# (pip's own wheel cache would hand back a wheel built with other flags). Runtime CPU dispatch: one kernel
+# library per x86 feature level (AVX2, AVX-512, VNNI, BF16, ...), and chat/llama_runtime.py loads the best
+# one this CPU runs. The sapphirerapids variant, the only one with AMX kernels, is deleted after the
+# install: they segfault on AMX Xeons for batches > 1 token (llama.cpp#20824). The native build
+# (-march=native) is not used: it would take the AMX path on those Xeons.
+LLAMA_CPP_PYTHON := 0.3.36
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib
 export FORCE_CMAKE := 1
+TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
+LLAMA_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell printf '%s' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_AMX_VARIANT := libggml-cpu-sapphirerapids.so
 
 .PHONY: demo test setup clean-venv
 
@@ -45,8 +54,20 @@ $(BIN)/python:
 # Elsewhere: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" make setup
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(MAKE) --no-print-directory llama-wheel
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(BIN)/pip install --quiet -e ".[test]" -c constraints.txt
+	rm -f "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib/$(LLAMA_AMX_VARIANT)"
 	touch $(STAMP)
+
+# The llama-cpp-python wheel for these CMAKE_ARGS (~X min on 2 cores, once; then from the cache).
+.PHONY: llama-wheel
+llama-wheel: | $(BIN)/python
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
+	  echo "compiling llama-cpp-python $(LLAMA_CPP_PYTHON) with CMAKE_ARGS=$(CMAKE_ARGS) (once)"; \
+	  rm -rf $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); \
+	  $(BIN)/pip wheel --quiet --no-cache-dir --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(LLAMA_WHEELS).partial \
+	  && mv $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); }
 
 # Debian's chromium for the browser tests (never `playwright install`).
 .PHONY: browser

@@ -65,7 +65,9 @@ def _preload() -> None:
     import runner.export.gguf_writer  # noqa: F401
     import runner.export.gguf_verify  # noqa: F401
     try:
-        import llama_cpp  # noqa: F401
+        from chat import llama_runtime
+
+        llama_runtime.load()
     except Exception:  # noqa: BLE001 - verification says it skipped llama.cpp
         pass
 

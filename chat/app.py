@@ -2,8 +2,9 @@
 
 Started by chat/serve.py (`tunebook chat`), which passes the model path, system prompt and title in
 environment variables. Each browser tab is a session with its own history in `cl.user_session`;
-all sessions share the one model and queue on its lock. Replies stream token by token from a worker
-thread; the stop button sets the session's stop event, which the engine checks between tokens.
+all sessions share the one model, which decodes several replies together (chat/batcher.py). A reply
+shows at once where it stands (its place in line, or that the model is reading), then streams token by
+token from a worker thread; the stop button sets the session's stop event, which ends the reply.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import json
 import os
 import threading
-from contextlib import closing
 from dataclasses import replace
 
 from chat.serve import CHAINLIT_HOME
@@ -25,12 +25,13 @@ import chainlit as cl  # noqa: E402
 from chainlit.config import config as chainlit_config  # noqa: E402
 from chainlit.input_widget import Slider  # noqa: E402
 
-from chat.engine import CHAT_SAMPLING, ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
+from chat.engine import CHAT_SAMPLING, DEFAULT_PARALLEL, ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
 from chat.serve import (  # noqa: E402
     ENV_DEBUG_LOG,
     ENV_MAX_TOKENS,
     ENV_MODEL,
     ENV_N_CTX,
+    ENV_PARALLEL,
     ENV_SYSTEM_PROMPT,
     ENV_THREADS,
     ENV_TITLE,
@@ -55,6 +56,10 @@ STARTERS = [
 ]
 
 DEFAULT_SAMPLING = replace(CHAT_SAMPLING, max_tokens=int(os.environ.get(ENV_MAX_TOKENS, CHAT_SAMPLING.max_tokens)))
+
+# What a reply shows before its first word (a status, replaced by the reply when it starts).
+READING = "_Reading your message…_"
+STATUS_PREFIX = "_⏳ "
 
 _engine: ChatEngine | None = None
 _engine_lock = threading.Lock()
@@ -82,6 +87,7 @@ def get_engine() -> ChatEngine:
                 path,
                 n_ctx=int(os.environ.get(ENV_N_CTX, "2048")),
                 n_threads=int(threads) if threads else None,
+                parallel=int(os.environ.get(ENV_PARALLEL, str(DEFAULT_PARALLEL))),
             )
             # Evaluate the system prompt once, so the first visitor's reply starts from a warm cache.
             _engine.reply(with_system([{"role": "user", "content": "Hello"}]), Sampling(max_tokens=1))
@@ -101,7 +107,8 @@ def with_system(turns: list[dict]) -> list[dict]:
 
 def model_line(engine: ChatEngine) -> str:
     threads = f"{engine.n_threads} CPU thread" + ("s" if engine.n_threads != 1 else "")
-    line = f"Model: `{engine.path.name}` · {engine.n_ctx}-token context · llama.cpp on {threads}"
+    line = (f"Model: `{engine.path.name}` · {engine.n_ctx}-token context · llama.cpp on {threads}, "
+            f"{engine.parallel} conversation{'s' if engine.parallel != 1 else ''} at a time")
     if engine.template_warning:
         line += f"\n\n⚠️ {engine.template_warning}"
     return line
@@ -132,12 +139,14 @@ def sampling_from(settings: dict | None) -> Sampling:
     )
 
 
-def record_for_tests(session_id: str, prompt: Prompt) -> None:
-    """With $TUNEBOOK_CHAT_DEBUG_LOG set, append what this generation saw (tests check histories)."""
+def record_for_tests(session_id: str, prompt: Prompt, engine: ChatEngine) -> None:
+    """With $TUNEBOOK_CHAT_DEBUG_LOG set, append what this generation saw and how many other replies the model
+    was decoding or had waiting when it came (tests check histories and that replies run together)."""
     path = os.environ.get(ENV_DEBUG_LOG)
     if not path:
         return
-    line = json.dumps({"session": session_id, "messages": prompt.messages})
+    decoding, waiting = engine.batcher.busy()
+    line = json.dumps({"session": session_id, "messages": prompt.messages, "decoding": decoding, "waiting": waiting})
     with _debug_lock, open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
 
@@ -206,19 +215,22 @@ async def on_message(message: cl.Message):
 
     reply = cl.Message(content="")
     try:
-        prompt = await stream_reply(get_engine(), messages, sampling, stop_event, reply, cl.user_session.get("id"))
+        prompt, text = await stream_reply(get_engine(), messages, sampling, stop_event, reply, cl.user_session.get("id"))
     except asyncio.CancelledError:
         # The stop button cancels this task; keep what was written so far.
         stop_event.set()
         if reply.content:
             history += [{"role": "user", "content": message.content}, {"role": "assistant", "content": reply.content}]
             cl.user_session.set("history", history)
+        elif reply.streaming:
+            asyncio.ensure_future(reply.remove())  # stopped before its first word: take the status away
         raise
     except Exception as e:  # noqa: BLE001 - shown in the chat; the session keeps working
+        if reply.streaming:
+            await reply.remove()  # the status line
         await cl.ErrorMessage(content=f"Sorry, generating a reply failed: {e}").send()
         return
 
-    text = reply.content
     if not text:
         reply.content = "_(no reply: the model ended its turn at once)_"
     await reply.send()
@@ -230,6 +242,13 @@ async def on_message(message: cl.Message):
         await cl.Message(content="_Note: " + "; ".join(prompt.notes) + "._", author=title()).send()
 
 
+def status_text(position: int | None) -> str:
+    """What the reply shows before its first word: its place in line, or that the model is reading."""
+    if position is None:
+        return READING
+    return f"{STATUS_PREFIX}Waiting for the model: you are number {position + 1} in line…_"
+
+
 async def stream_reply(
     engine: ChatEngine,
     messages: list[dict],
@@ -237,30 +256,51 @@ async def stream_reply(
     stop_event: threading.Event,
     reply: cl.Message,
     session_id: str | None,
-) -> Prompt:
-    """Generate in a worker thread and stream its pieces into `reply`. Returns the fitted prompt."""
+) -> tuple[Prompt, str]:
+    """Show the reply's status at once, then stream its text into `reply`. Returns the fitted prompt and the
+    reply text (the status is never part of it)."""
     loop = asyncio.get_running_loop()
+    await reply.stream_token(READING, is_sequence=True)  # on screen at once, before any work
+    prompt = await asyncio.to_thread(engine.prepare, messages, sampling.max_tokens)
+    record_for_tests(session_id or "", prompt, engine)
+    generation = engine.start(prompt, sampling, stop_event)
     pieces: asyncio.Queue = asyncio.Queue()
     done = object()
-    result: dict = {}
 
     def work():
         try:
-            with engine.lock:  # queue behind other sessions; prepare and generate as one turn
-                prompt = engine.prepare(messages, sampling.max_tokens)
-                result["prompt"] = prompt
-                record_for_tests(session_id or "", prompt)
-                with closing(engine.stream(prompt, sampling, stop_event)) as stream:
-                    for piece in stream:
-                        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            for piece in generation:
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
         except BaseException as e:  # noqa: BLE001 - handed to the event loop
             loop.call_soon_threadsafe(pieces.put_nowait, e)
         else:
             loop.call_soon_threadsafe(pieces.put_nowait, done)
 
-    threading.Thread(target=work, name="chat-generate", daemon=True).start()
-    while (piece := await pieces.get()) is not done:
-        if isinstance(piece, BaseException):
-            raise piece
-        await reply.stream_token(piece)
-    return result["prompt"]
+    threading.Thread(target=work, name="chat-reply", daemon=True).start()
+    shown, text, getter = READING, "", None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(pieces.get())  # kept across timeouts: no piece is lost
+            finished, _ = await asyncio.wait({getter}, timeout=0.5 if not text else None)
+            if not finished:  # no word yet: keep the place in line up to date
+                status = status_text(generation.queue_position)
+                if status != shown:
+                    shown = status
+                    await reply.stream_token(status, is_sequence=True)
+                continue
+            piece, getter = getter.result(), None
+            if piece is done:
+                break
+            if isinstance(piece, BaseException):
+                raise piece
+            first = not text
+            text += piece
+            await reply.stream_token(text if first else piece, is_sequence=first)  # the first word replaces the status
+    except BaseException:
+        generation.cancel()
+        if getter is not None:
+            getter.cancel()
+        reply.content = text
+        raise
+    reply.content = text
+    return prompt, text

@@ -1,29 +1,36 @@
-"""Chat engine: one llama.cpp model over a GGUF file, its chat template, streamed replies.
+"""Chat engine: one llama.cpp model over a GGUF file, its chat template, replies streamed to many users at once.
 
-The engine knows nothing about Chainlit. It
+The engine knows nothing about Chainlit or HTTP. It
 
 - checks the file is a readable GGUF before llama.cpp touches it (`check_gguf`),
 - formats a conversation with the chat template embedded in the GGUF
   (`tokenizer.chat_template`), or with a named fallback format and a warning when there is none,
 - trims the conversation to fit the context window: oldest turns first, the system prompt kept,
   an over-long single message cut down instead of crashing,
-- streams the reply as text pieces and stops at end-of-turn/EOS, at `max_tokens`, or when asked to.
+- streams each reply as text pieces and stops at end-of-turn/EOS, at a stop string, at `max_tokens`, or
+  when asked to.
 
-One `Llama` serves the whole process. llama.cpp contexts are not thread-safe, so every generation
-holds `ChatEngine.lock` (tokenizing too): concurrent chat sessions queue and are answered one after another.
+One model serves the whole process. Replies are decoded together (chat/batcher.py): `parallel`
+conversations share each decode step, further ones wait in line and can see their place in it
+(`Generation.queue_position`). Every method is safe to call from many threads.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import queue
 import random
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chat import llama_runtime
+from chat.batcher import Batcher, Done, Request
 from chat.templates import FORMAT_MARKERS, TURN_MARKERS, strip_generation_markers, template_names, template_text
 
 log = logging.getLogger("tunebook.chat")
@@ -35,6 +42,8 @@ SUPPORTED_GGUF_VERSIONS = (2, 3)
 # chosen by the special tokens the vocabulary has.
 FALLBACK_TEMPLATES = {name: strip_generation_markers(template_text(name)) for name in template_names()}
 TRIM_NOTE = " [...]"
+# Conversations the servers (web chat, API) decode together; more wait in line.
+DEFAULT_PARALLEL = 8
 
 
 def _complete_utf8_length(data: bytes) -> int:
@@ -72,12 +81,21 @@ class ChatError(Exception):
 
 @dataclass
 class Sampling:
+    """How a reply is drawn. The sampler chain is llama-cpp-python's `Llama.generate` one: repetition
+    penalties over the last 64 generated tokens, then greedy at temperature 0, else top-k, top-p, min-p,
+    temperature and a seeded draw."""
+
     temperature: float = 0.7
     top_p: float = 0.9
     max_tokens: int = 256
     top_k: int = 40
     repeat_penalty: float = 1.1
     seed: int | None = None
+    min_p: float = 0.05
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # more text that ends the reply (not included)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
 
 
 # The sampler the web chat answers with unless a user moves its sliders (chat/app.py). The evaluation gate
@@ -132,35 +150,87 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+class Generation:
+    """One reply on its way. Iterate for its text pieces; `cancel()` (or closing the iterator) stops it.
 
+    Afterwards `tokens` holds the generated token ids (the end-of-turn token excluded), `text` the reply
+    and `finish_reason` why it ended: "stop" (end-of-turn or a stop string), "length" (max tokens or the
+    context window) or "cancelled"."""
 
-def safe_batch_size(requested: int) -> int:
-    """A prompt batch size that does not crash this llama.cpp build on this CPU.
+    def __init__(self, engine: ChatEngine, prompt: Prompt, request: Request, stops: list[str],
+                 stop_event: threading.Event | None):
+        self.engine, self.prompt, self._request = engine, prompt, request
+        self._stops, self._stop_event = stops, stop_event
+        self.tokens: list[int] = []
+        self.token_times: list[float] = []  # time.perf_counter() when each token reached this reply (benchmarks)
+        self.text = ""
+        self.finish_reason: str | None = None
 
-    llama.cpp built with its native AMX kernels segfaults on AMX Xeons for any batch larger
-    than one token on quantized weights (llama.cpp#20824). A build with GGML_NATIVE=OFF has
-    no AMX kernels and is safe; a build with them falls back to one token at a time.
-    """
-    import llama_cpp
+    @property
+    def queue_position(self) -> int | None:
+        """Replies waiting ahead of this one for a free sequence; None once it is being decoded."""
+        return self.engine.batcher.queue_position(self._request)
 
-    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    if "AMX_INT8 = 1" in info and cpu_has_amx():
-        log.warning(
-            "llama.cpp was built with AMX kernels, which crash on this CPU for batches > 1 "
-            "(llama.cpp#20824): evaluating prompts one token at a time. Rebuild with "
-            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir llama-cpp-python'
-        )
-        return 1
-    return requested
+    @property
+    def prompt_tokens_reused(self) -> int:
+        """Prompt tokens found already in the cache (an earlier turn of the same conversation)."""
+        return self._request.reused
+
+    def cancel(self) -> None:
+        self._request.cancel()
+
+    def _next(self):
+        while True:
+            try:
+                return self._request.out.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop_event is not None and self._stop_event.is_set():
+                    self._request.cancel()
+
+    def __iter__(self) -> Iterator[str]:
+        data = b""  # the reply's bytes so far
+        sent = 0  # characters of self.text already yielded
+        engine = self.engine
+        try:
+            while True:
+                item = self._next()
+                if isinstance(item, Done):
+                    if item.error is not None:
+                        raise ChatError(f"generating the reply failed: {item.error}") from item.error
+                    self.finish_reason = item.reason
+                    break
+                self.tokens.append(item)
+                self.token_times.append(time.perf_counter())
+                data += engine.token_bytes(item)
+                text = data[: _complete_utf8_length(data)].decode("utf-8", "replace")
+                cut = _first_stop(text, self._stops)
+                if cut is not None:
+                    self.text = text[:cut]
+                    self.finish_reason = "stop"
+                    self._request.cancel()
+                    break
+                self.text = text
+                # Hold back a tail that may be the start of a stop string.
+                end = len(text) - _partial_stop_length(text, self._stops)
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+            if len(self.text) > sent:
+                yield self.text[sent:]
+        finally:
+            self._request.cancel()  # no-op once finished; frees the sequence if the caller walked away
+
+    def reply(self) -> str:
+        for _ in self:
+            pass
+        return self.text
 
 
 class ChatEngine:
-    """A GGUF chat model. Create one per process; `stream` is safe to call from many threads."""
+    """A GGUF chat model. Create one per process; every method may be called from many threads.
+
+    `parallel` conversations are decoded together, each with a window of `n_ctx` tokens; more wait in line.
+    """
 
     def __init__(
         self,
@@ -169,50 +239,53 @@ class ChatEngine:
         n_threads: int | None = None,
         n_batch: int = 512,
         fallback_format: str | None = None,
+        parallel: int = 1,
     ):
         self.path = check_gguf(gguf_path)
-        # Imported here so that `import chat.serve` (the CLI) stays light.
-        import llama_cpp
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        if parallel < 1:
+            raise ChatError(f"parallel must be at least 1, not {parallel}")
+        llama_cpp = llama_runtime.load()
+        from llama_cpp._internals import LlamaContext, LlamaModel
 
-        from .llama_log import route_llama_logs
-
-        route_llama_logs()
-
-        self.lock = threading.RLock()  # reentrant: a caller may hold it across prepare + stream
         self.n_threads = n_threads or default_threads()
-
-        n_batch = safe_batch_size(n_batch)
+        self.parallel = parallel
         try:
-            self.llm = Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                n_batch=n_batch,
-                n_ubatch=n_batch,
-                n_gpu_layers=0,
-                verbose=False,
-            )
+            self.model = LlamaModel(path_model=str(self.path), params=llama_runtime.model_params(), verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise ChatError(f"llama.cpp could not load {self.path}: {e}") from e
-        self.n_ctx = self.llm.n_ctx()
+        n_ctx = min(n_ctx, self.model.n_ctx_train())  # a window longer than training is of no use
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * parallel
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = parallel
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.kv_unified = False  # each conversation attends to its own cache only
+        params.swa_full = True  # sliding-window layers keep every position, so a cached prefix can be reused
+        params.no_perf = True
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama-cpp-python's Llama
+        try:
+            self._context = LlamaContext(model=self.model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            self.model.close()
+            raise ChatError(f"llama.cpp could not make a context of {n_ctx} x {parallel} tokens: {e}") from e
+        self._llama = llama_cpp
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
 
-        model = self.llm._model
-        eos_id = self.llm.token_eos()
-        bos_id = self.llm.token_bos()
+        model = self.model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
         self.eos_token = model.token_get_text(eos_id) if eos_id != -1 else ""
         self.bos_token = model.token_get_text(bos_id) if bos_id != -1 else ""
         self.bos_id = bos_id
+        self.metadata = model.metadata()
 
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.metadata.get("tokenizer.chat_template")
         self.template_warning: str | None = None
         if template:
             self.chat_format = "embedded"
         else:
             self.chat_format = fallback_format or self._guess_fallback()
             if self.chat_format not in FALLBACK_TEMPLATES:
+                self.close()
                 raise ChatError(
                     f"unknown chat format {self.chat_format!r}; choose one of {sorted(FALLBACK_TEMPLATES)}"
                 )
@@ -224,9 +297,9 @@ class ChatEngine:
             )
             log.warning(self.template_warning)
         self.template = template
-        self._formatter = Jinja2ChatFormatter(
-            template=template, eos_token=self.eos_token, bos_token=self.bos_token
-        )
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=self.eos_token, bos_token=self.bos_token)
         # Stop at the end-of-turn markers the template writes: as tokens (special tokens are
         # not printed, so a string match would miss them) and as text (a tokenizer that
         # spells a marker in plain pieces).
@@ -236,10 +309,14 @@ class ChatEngine:
         self.stop = markers
         self.stop_ids = {eos_id, llama_cpp.llama_vocab_eot(model.vocab)} - {-1}
         for marker in markers:
-            ids = self.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+            ids = self.tokenize(marker, special=True)
             if len(ids) == 1:
                 self.stop_ids.add(ids[0])
         self._vocab, self._is_eog = model.vocab, llama_cpp.llama_vocab_is_eog
+        self._piece_buffer = threading.local()
+        self.batcher = Batcher(llama_cpp, self._context.ctx, parallel, n_batch, self.is_end_token,
+                               sample_threads=self.n_threads)
+        self.n_ctx = self.batcher.n_ctx
 
     def is_end_token(self, token: int) -> bool:
         """A token that ends the reply: end-of-turn, EOS, or one of the template's turn markers."""
@@ -247,8 +324,25 @@ class ChatEngine:
 
     # ---- formatting -------------------------------------------------------------------------
 
+    def tokenize(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        """The text of one token as bytes (special tokens print nothing), as llama.cpp spells it."""
+        buffer = getattr(self._piece_buffer, "buffer", None)
+        if buffer is None:
+            buffer = self._piece_buffer.buffer = (ctypes.c_char * 256)()
+        n = self._llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:  # longer than the buffer
+            buffer = self._piece_buffer.buffer = (ctypes.c_char * -n)()
+            n = self._llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return bytes(buffer[:n])
+
     def _is_single_token(self, text: str) -> bool:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) == 1
+        return len(self.tokenize(text, special=True)) == 1
 
     def _guess_fallback(self) -> str:
         for name, marker in FORMAT_MARKERS:
@@ -263,15 +357,15 @@ class ChatEngine:
         text = self.render(messages)
         # The tokenizer adds BOS when the model asks for it, unless the template wrote it already.
         writes_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=not writes_bos, special=True)
+        return self.tokenize(text, special=True, add_bos=not writes_bos)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self.tokenize(text))
 
     def _cut_text(self, text: str, n_tokens: int) -> str:
         """The first `n_tokens` tokens of `text`, as text."""
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[: max(0, n_tokens)]
-        return self.llm.detokenize(tokens).decode("utf-8", "ignore").lstrip()
+        tokens = self.tokenize(text)[: max(0, n_tokens)]
+        return self.model.detokenize(tokens).decode("utf-8", "ignore").lstrip()
 
     def prepare(self, messages: list[dict], max_tokens: int = 256) -> Prompt:
         """Fit `messages` (system?, user, assistant, ..., user) into the context window.
@@ -280,8 +374,7 @@ class ChatEngine:
         first, oldest first, the system prompt always stays; if the newest message alone is still
         too long it is cut from the end and marked with "[...]".
         """
-        with self.lock:
-            return self._prepare(messages, max_tokens)
+        return self._prepare(messages, max_tokens)
 
     def _prepare(self, messages: list[dict], max_tokens: int) -> Prompt:
         if not messages or messages[-1].get("role") != "user":
@@ -341,64 +434,72 @@ class ChatEngine:
 
     # ---- generation -------------------------------------------------------------------------
 
+    def sampler(self, sampling: Sampling):
+        """The sampler chain of `Llama.generate` (llama-cpp-python) for these settings."""
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        if sampling.logit_bias:
+            sampler.add_logit_bias(self.n_vocab, sampling.logit_bias)
+        sampler.add_penalties(self.n_vocab, 64, sampling.repeat_penalty, sampling.frequency_penalty,
+                              sampling.presence_penalty)
+        if sampling.temperature <= 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(sampling.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(sampling.top_p, 1)
+            sampler.add_min_p(sampling.min_p, 1)
+            sampler.add_temp(sampling.temperature)
+            sampler.add_dist(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+        return sampler
+
+    def start(
+        self,
+        prompt: Prompt | list[dict],
+        sampling: Sampling | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Generation:
+        """Queue a reply and return at once; iterate the Generation for its text as it is decoded.
+
+        It stops at an end-of-turn/EOS token, a stop string, `sampling.max_tokens`, the context window,
+        `cancel()`, or soon after `stop_event` is set.
+        """
+        sampling = sampling or CHAT_SAMPLING
+        if not isinstance(prompt, Prompt):
+            prompt = self.prepare(prompt, sampling.max_tokens)
+        max_tokens = max(1, min(int(sampling.max_tokens), prompt.max_tokens))
+        request = Request(tokens=list(prompt.tokens), sampler=self.sampler(sampling), max_tokens=max_tokens)
+        if stop_event is not None and stop_event.is_set():
+            request.cancel()
+        try:
+            self.batcher.submit(request)
+        except (ValueError, RuntimeError) as e:
+            request.sampler.close()
+            raise ChatError(str(e)) from e
+        return Generation(self, prompt, request, self.stop + [s for s in sampling.stop if s], stop_event)
+
     def stream(
         self,
         prompt: Prompt | list[dict],
         sampling: Sampling | None = None,
         stop_event: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield the reply as text pieces. Holds the engine lock until exhausted or closed.
+        """Yield the reply as text pieces (see `start`). Closing the iterator early stops the reply."""
+        yield from self.start(prompt, sampling, stop_event)
 
-        Stops at an end-of-turn/EOS token, at `sampling.max_tokens`, or as soon as `stop_event`
-        is set. Close the generator (or exhaust it) to release the lock: `contextlib.closing`.
-        """
-        sampling = sampling or CHAT_SAMPLING
-        if not isinstance(prompt, Prompt):
-            prompt = self.prepare(prompt, sampling.max_tokens)
-        max_tokens = max(1, min(int(sampling.max_tokens), prompt.max_tokens))
-        with self.lock:
-            if stop_event is not None and stop_event.is_set():
-                return
-            llm = self.llm
-            llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-            tokens = llm.generate(
-                prompt.tokens,
-                temp=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                repeat_penalty=sampling.repeat_penalty,
-            )
-            completion: list[int] = []
-            text, sent = "", 0  # the reply so far, and how much of it was yielded
-            try:
-                for token in tokens:
-                    if stop_event is not None and stop_event.is_set():
-                        return
-                    if self.is_end_token(token):
-                        break
-                    completion.append(token)
-                    raw = llm.detokenize(completion, prev_tokens=prompt.tokens)
-                    text = raw[: _complete_utf8_length(raw)].decode("utf-8", "replace")
-                    cut = _first_stop(text, self.stop)
-                    if cut is not None:
-                        text = text[:cut]
-                        break
-                    # Hold back a tail that may be the start of a stop string.
-                    end = len(text) - _partial_stop_length(text, self.stop)
-                    if end > sent:
-                        yield text[sent:end]
-                        sent = end
-                    if len(completion) >= max_tokens:
-                        break
-                if len(text) > sent:
-                    yield text[sent:]
-            finally:
-                tokens.close()
-
-    def reply(self, messages: list[dict], sampling: Sampling | None = None) -> str:
+    def reply(self, messages: list[dict] | Prompt, sampling: Sampling | None = None) -> str:
         """The whole reply at once (tests, scripts)."""
-        return "".join(self.stream(messages, sampling))
+        return self.start(messages, sampling).reply()
+
+    def forget_cached_prompts(self) -> None:
+        """Empty the cache of every idle sequence, so the next prompt is read in full (benchmarks)."""
+        self.batcher.forget()
 
     def close(self) -> None:
-        with self.lock:
-            self.llm.close()
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()
+        if getattr(self, "_context", None) is not None:
+            self._context.close()
+        self.model.close()

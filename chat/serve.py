@@ -34,6 +34,7 @@ ENV_TITLE = "TUNEBOOK_CHAT_TITLE"  # assistant name shown in the UI
 ENV_N_CTX = "TUNEBOOK_CHAT_N_CTX"  # context window (tokens)
 ENV_MAX_TOKENS = "TUNEBOOK_CHAT_MAX_TOKENS"  # default reply length (tokens)
 ENV_THREADS = "TUNEBOOK_CHAT_THREADS"  # llama.cpp threads (default: all cores this process may use)
+ENV_PARALLEL = "TUNEBOOK_CHAT_PARALLEL"  # conversations decoded together (default: chat/engine.py DEFAULT_PARALLEL)
 ENV_DEBUG_LOG = "TUNEBOOK_CHAT_DEBUG_LOG"  # tests: a JSONL file recording what each generation saw
 
 # Inherited variables that would make Chainlit talk to the outside (a data layer, OAuth, Literal AI)
@@ -111,6 +112,7 @@ def start_server(
     env: dict[str, str] | None = None,
     stdout=None,
     stderr=None,
+    parallel: int | None = None,
 ) -> subprocess.Popen:
     """Start the chat server in a child process and return it at once (see `wait_ready`)."""
     gguf_path = check_gguf(gguf_path)
@@ -118,7 +120,8 @@ def start_server(
     cmd = [sys.executable, "-m", "chainlit", "run", str(APP_PATH), "--host", host, "--port", str(port)]
     if headless:
         cmd.append("--headless")
-    child_env = server_env(gguf_path, system_prompt, title, env)
+    extra = {**(env or {}), **({ENV_PARALLEL: str(parallel)} if parallel else {})}
+    child_env = server_env(gguf_path, system_prompt, title, extra)
     return subprocess.Popen(cmd, cwd=child_env["CHAINLIT_APP_ROOT"], env=child_env, stdout=stdout, stderr=stderr)
 
 
@@ -159,9 +162,10 @@ def serve(
     system_prompt: str | None = None,
     title: str | None = None,
     headless: bool = True,
+    parallel: int | None = None,
 ) -> None:
     """Serve the chat app until interrupted (Ctrl-C, SIGTERM). Bad model file or busy port: ChatError at once."""
-    proc = start_server(gguf_path, host, port, system_prompt, title, headless)
+    proc = start_server(gguf_path, host, port, system_prompt, title, headless, parallel=parallel)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         # Killed politely, take the server down too rather than leave it holding the port.

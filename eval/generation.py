@@ -43,32 +43,15 @@ def held_out_questions(val: list[dict], tokenizer, system_prompt: str | None, n:
     return out
 
 
-class _Tap:
-    """Stands in for the engine's llama.cpp model and remembers the tokens generation drew."""
-
-    def __init__(self, llm):
-        self._llm, self.drawn = llm, []
-
-    def generate(self, *args, **kwargs):
-        self.drawn = []
-        for token in self._llm.generate(*args, **kwargs):
-            self.drawn.append(token)
-            yield token
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-
 def generate(gguf: Path, conversations: list[list[dict]], sampling=None, max_tokens: int = MAX_TOKENS, log=print,
              what: str = "questions", progress=None) -> list[dict]:
     """Answer each conversation with the GGUF through ChatEngine (greedy unless `sampling`, a chat.engine
-    Sampling, says otherwise): per answer its text, whether it stopped at end-of-turn, the tokens it drew,
-    timings and the prompt's token ids. `progress(done, total)`, when given, is told after each answer
-    (instead of a log line every ten)."""
+    Sampling, says otherwise), one at a time as a lone user gets it: per answer its text, whether it stopped at
+    end-of-turn, the tokens it drew, timings and the prompt's token ids. `progress(done, total)`, when given,
+    is told after each answer (instead of a log line every ten)."""
     from chat.engine import ChatEngine, Sampling
 
     engine = ChatEngine(gguf, n_ctx=1024)
-    tap = engine.llm = _Tap(engine.llm)
     sampling = sampling or Sampling(temperature=0.0, seed=0)
     sampling = replace(sampling, max_tokens=max_tokens)
     rows = []
@@ -77,16 +60,13 @@ def generate(gguf: Path, conversations: list[list[dict]], sampling=None, max_tok
             prompt = engine.prepare(messages, max_tokens)
             start = time.perf_counter()
             first, pieces = None, []
-            for piece in engine.stream(prompt, sampling):
+            generation = engine.start(prompt, sampling)
+            for piece in generation:
                 first = first if first is not None else time.perf_counter() - start
                 pieces.append(piece)
             seconds = time.perf_counter() - start
-            last = tap.drawn[-1] if tap.drawn else None
-            ended = last is not None and engine.is_end_token(last)
-            generated = len(tap.drawn) - (1 if ended else 0)
-            # the engine stops early only at end-of-turn (a token, or its text)
-            stopped = ended or generated < prompt.max_tokens
-            rows.append({"answer": "".join(pieces).strip(), "stopped": stopped, "tokens": generated,
+            rows.append({"answer": "".join(pieces).strip(), "stopped": generation.finish_reason == "stop",
+                         "tokens": len(generation.tokens),
                          "first_token_s": round(first if first is not None else seconds, 3),
                          "seconds": round(seconds, 3), "prompt_ids": prompt.tokens})
             if progress is not None:

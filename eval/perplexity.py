@@ -383,18 +383,12 @@ def evaluate_torch(
 
 def _import_llama():
     try:
-        from llama_cpp import Llama
+        from chat import llama_runtime
 
-        from chat.llama_log import route_llama_logs
-
-        route_llama_logs()
+        llama_runtime.load()
     except (ImportError, OSError, RuntimeError) as exc:
-        raise ImportError(
-            "GGUF perplexity needs llama-cpp-python, built without native CPU tuning "
-            '(CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python; the native build crashes '
-            f"on AMX Xeons, llama.cpp#20824). Import failed: {exc}"
-        ) from exc
-    return Llama
+        raise ImportError(f"GGUF perplexity needs llama-cpp-python (`make setup` builds it). Loading failed: {exc}") from exc
+    return llama_runtime.open_llama
 
 
 def evaluate_gguf(
@@ -416,7 +410,7 @@ def evaluate_gguf(
     with llama.cpp's default F16 KV cache: on the tiny test model that alone moves an F32 GGUF's
     logits by ~4e-4 relative (an F32 cache brings them within ~4e-6 of torch).
     """
-    Llama = _import_llama()
+    open_llama = _import_llama()
     if max_length is None:
         max_length = n_ctx
     elif n_ctx is not None and max_length > n_ctx:
@@ -427,8 +421,8 @@ def evaluate_gguf(
     rows = _prepare(examples, max_length, policy, stride, acc)
     if n_ctx is None:
         n_ctx = max((len(r["input_ids"]) for r in rows), default=1)
-    llm = Llama(
-        model_path=str(gguf_path),
+    llm = open_llama(
+        gguf_path,
         logits_all=True,
         n_ctx=n_ctx,
         n_threads=n_threads,

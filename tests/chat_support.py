@@ -8,6 +8,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -71,5 +72,22 @@ def running_server(log_path: Path, model: Path | None = None, env: dict[str, str
                             stderr=subprocess.STDOUT, **kwargs)
         try:
             yield wait_ready(proc, "127.0.0.1", port, timeout=120, log_path=log_path), proc
+        finally:
+            stop_server(proc)
+
+
+@contextlib.contextmanager
+def running_api(log_path: Path, model: Path, *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None):
+    """Start `tunebook serve MODEL` (the real command, in its own process) on a free port; yield
+    (base url of the API, process); stop it afterwards."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "runner.cli", "serve", str(model), "--host", host, "--port", str(port),
+           "--threads", str(TEST_THREADS), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(proc, "127.0.0.1", port, timeout=120, log_path=log_path)
+            yield f"http://127.0.0.1:{port}/v1", proc
         finally:
             stop_server(proc)

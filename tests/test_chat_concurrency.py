@@ -3,8 +3,10 @@
 A client does what the browser does: connect to /ws/socket.io with {sessionId, clientType, ...} as
 auth, emit `connection_successful` (the server then runs on_chat_start), emit `client_message`
 with a step dict per question, and read `stream_start`/`stream_token`/`new_message` until
-`task_end`. The server records what each generation saw ($TUNEBOOK_CHAT_DEBUG_LOG), so the test can
-check every session's history holds its own turns only.
+`task_end`. A reply first shows a status (read, or place in line), which the reply's first words replace
+(`isSequence`). The server records what each generation saw and how many replies the model had in hand
+($TUNEBOOK_CHAT_DEBUG_LOG), so the test can check every session's history holds its own turns only and that
+replies were decoded together.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from datetime import datetime, timezone
 import pytest
 import socketio
 
-from chat.serve import ENV_DEBUG_LOG, ENV_MAX_TOKENS
+from chat.serve import ENV_DEBUG_LOG, ENV_MAX_TOKENS, ENV_PARALLEL
 from chat_support import ARTIFACTS, running_server, tiny_gguf
+
+STATUS = ("_Reading your message", "_⏳ ")  # chat/app.py READING, STATUS_PREFIX
 
 SESSIONS, QUESTIONS = 10, 3
 
@@ -73,18 +77,28 @@ class ChatClient:
         })
         streamed: dict[str, str] = {}
         final: dict[str, str] = {}
-        errors, first_token_at, started = [], None, False
+        errors, first_token_at, status_at, started, fired = [], None, None, False, False
+
+        def showing(message_id: str, text: str, at: float) -> None:
+            nonlocal first_token_at, status_at
+            streamed[message_id] = text
+            if text.startswith(STATUS):
+                status_at = status_at or at
+            elif text and first_token_at is None:
+                first_token_at = at
+
         while True:
             name, data, at = await asyncio.wait_for(self.events.get(), timeout)
             if name == "task_start":
                 started = True
             elif name == "stream_start":
-                streamed[data["id"]] = data["output"]
-                first_token_at = first_token_at or at
-                if on_first_token:
-                    await on_first_token()
+                showing(data["id"], data["output"], at)
             elif name == "stream_token":
-                streamed[data["id"]] = streamed.get(data["id"], "") + data["token"]
+                text = data["token"] if data.get("isSequence") else streamed.get(data["id"], "") + data["token"]
+                showing(data["id"], text, at)
+            if on_first_token and first_token_at is not None and not fired:
+                fired = True
+                await on_first_token()
             elif name in ("new_message", "update_message") and data.get("type") == "assistant_message":
                 if data.get("isError"):
                     errors.append(data["output"])
@@ -98,6 +112,7 @@ class ChatClient:
             "final": final.get(reply_id, ""),
             "others": [v for k, v in final.items() if k != reply_id],
             "errors": errors,
+            "status_s": None if status_at is None else status_at - sent,
             "first_token_s": None if first_token_at is None else first_token_at - sent,
         }
 
@@ -128,7 +143,7 @@ async def one_session(url: str, marker: str) -> dict:
 def test_ten_sessions_three_messages_each(tmp_path):
     """On a tiny exported model (embedded Llama 3 template): the test is about the server, not speed."""
     seen_log = tmp_path / "seen.jsonl"
-    env = {ENV_MAX_TOKENS: "16", ENV_DEBUG_LOG: str(seen_log)}
+    env = {ENV_MAX_TOKENS: "16", ENV_DEBUG_LOG: str(seen_log), ENV_PARALLEL: "4"}
     with running_server(ARTIFACTS / "chat-concurrency-server.log", tiny_gguf("llama"), env) as (url, proc):
         started = time.monotonic()
 
@@ -146,10 +161,15 @@ def test_ten_sessions_three_messages_each(tmp_path):
 
     # What the model saw: per session, 3 generations whose user turns all carry that session's
     # marker, one more each time, with that session's own earlier replies in between.
-    seen = defaultdict(list)
+    # Every reply showed a status before its first words.
+    assert all(a["status_s"] is not None and a["status_s"] <= a["first_token_s"] for a in answers)
+    seen, in_hand = defaultdict(list), []
     for line in seen_log.read_text().splitlines():
         record = json.loads(line)
         seen[record["session"]].append(record["messages"])
+        in_hand.append((record["decoding"], record["waiting"]))
+    assert max(d for d, _ in in_hand) >= 2, "replies were never decoded together"
+    assert max(w for _, w in in_hand) >= 1  # more sessions than sequences: some waited in line
     assert len(seen) == SESSIONS
     for r in results:
         generations = seen[r["session"]]
@@ -160,8 +180,9 @@ def test_ten_sessions_three_messages_each(tmp_path):
             assert users == [question(r["marker"], i) for i in range(k + 1)]
             assert replies == [a["final"] for a in r["answers"][:k]]
     firsts = sorted(a["first_token_s"] for a in answers)
-    print(f"{len(answers)} replies in {wall:.1f} s; first token median {firsts[len(firsts) // 2]:.2f} s, "
-          f"max {firsts[-1]:.2f} s (sessions queue on one model)")
+    statuses = sorted(a["status_s"] for a in answers)
+    print(f"{len(answers)} replies in {wall:.1f} s; status shown after median {statuses[len(statuses) // 2]:.2f} s, "
+          f"max {statuses[-1]:.2f} s; first token median {firsts[len(firsts) // 2]:.2f} s, max {firsts[-1]:.2f} s")
 
 
 @pytest.mark.slow

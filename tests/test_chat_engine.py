@@ -1,8 +1,10 @@
 """Chat engine and Chainlit handlers, in process.
 
-Engine tests run the real Gemma 3 270M GGUF (no chat template: the fallback path). Handler tests call
-chat/app.py's Chainlit callbacks in a real Chainlit session context with a scripted engine, so they
-check streaming, history, stop and errors without timing on a model.
+Engine tests run the real Gemma 3 270M GGUF (no chat template: the fallback path) and the tiny exported
+models (confident replies, so replies decoded together can be compared token for token with replies decoded
+alone). Handler tests call chat/app.py's Chainlit callbacks in a real Chainlit session context with a
+scripted engine, so they check streaming, the waiting status, history, stop and errors without timing on a
+model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 import warnings
 from pathlib import Path
@@ -32,7 +35,6 @@ from chat.engine import (
     _first_stop,
     _partial_stop_length,
     check_gguf,
-    safe_batch_size,
 )
 from chat.serve import ENV_THREADS, free_port, start_server, wait_ready
 from chat_support import ROOT, TEST_THREADS, gemma_270m_gguf, tiny_gguf
@@ -114,23 +116,6 @@ def test_stop_string_helpers():
     euro = "€".encode()  # three bytes
     assert _complete_utf8_length(b"ab" + euro[:2]) == 2
     assert _complete_utf8_length(b"ab" + euro) == 5
-
-
-def test_amx_build_on_an_amx_cpu_falls_back_to_one_token_batches(monkeypatch, caplog):
-    import llama_cpp
-
-    import chat.engine
-
-    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX512 = 1 | AMX_INT8 = 1 |")
-    monkeypatch.setattr(chat.engine, "cpu_has_amx", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="tunebook.chat"):
-        assert safe_batch_size(512) == 1
-    assert "GGML_NATIVE=OFF" in caplog.text
-    monkeypatch.setattr(chat.engine, "cpu_has_amx", lambda: False)
-    assert safe_batch_size(512) == 512
-    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX512 = 1 |")
-    monkeypatch.setattr(chat.engine, "cpu_has_amx", lambda: True)
-    assert safe_batch_size(512) == 512  # built with GGML_NATIVE=OFF: no AMX kernels
 
 
 # ---- the engine on a real model --------------------------------------------------------------
@@ -235,24 +220,34 @@ def test_stream_yields_text_pieces_and_respects_max_tokens(engine):
 def test_stop_event_ends_generation_at_once(engine):
     stop = threading.Event()
     pieces = []
-    for piece in engine.stream(conversation("Tell me all about dog breeds."), Sampling(max_tokens=200, seed=4), stop):
+    generation = engine.start(conversation("Tell me all about dog breeds."), Sampling(max_tokens=200, seed=4), stop)
+    for piece in generation:
         pieces.append(piece)
         if len(pieces) == 3:
             stop.set()
-    assert len(pieces) == 3
-    assert engine.lock.acquire(blocking=False)  # released when the stream ended
-    engine.lock.release()
+    assert 3 <= len(pieces) <= 5  # a token or two may be on its way when the event is set
+    assert generation.finish_reason == "cancelled" and len(generation.tokens) < 20
+    wait_idle(engine)  # the sequence is free for the next reply
 
 
-def scripted_generate(engine, text: str):
-    """Replace llm.generate by one that yields `text` (tokenized with special tokens) then junk."""
-    tokens = engine.llm.tokenize(text.encode(), add_bos=False, special=True)
-    junk = engine.llm.tokenize(b" JUNK AFTER THE END", add_bos=False, special=False)
+def wait_idle(engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.batcher.busy() != (0, 0):
+        assert time.monotonic() < deadline, f"still busy: {engine.batcher.busy()}"
+        time.sleep(0.01)
 
-    def generate(prompt_tokens, **kwargs):
-        yield from tokens + junk
 
-    return generate
+def scripted_sampling(engine, monkeypatch, text: str, special: bool = True):
+    """Make the engine draw the tokens of `text` (then junk) instead of sampling: the decode stays real."""
+    tokens = engine.tokenize(text, special=special) + engine.tokenize(" JUNK AFTER THE END")
+    drawn = {}
+
+    def sample(request, index):
+        n = drawn[id(request)] = drawn.get(id(request), -1) + 1
+        return tokens[min(n, len(tokens) - 1)]
+
+    monkeypatch.setattr(engine.batcher, "sample", sample)
+    return tokens
 
 
 @pytest.mark.slow
@@ -265,41 +260,153 @@ def scripted_generate(engine, text: str):
     ],
 )
 def test_generation_stops_at_end_of_turn_and_eos(engine, monkeypatch, scripted, expected):
-    monkeypatch.setattr(engine.llm, "generate", scripted_generate(engine, scripted))
-    assert engine.reply(conversation("What now?"), Sampling(max_tokens=64)) == expected
+    scripted_sampling(engine, monkeypatch, scripted)
+    generation = engine.start(conversation("What now?"), Sampling(max_tokens=64))
+    assert generation.reply() == expected
+    assert generation.finish_reason == "stop"
 
 
 @pytest.mark.slow
 def test_end_of_turn_spelled_as_plain_text_also_stops(engine, monkeypatch):
-    tokens = engine.llm.tokenize(b"Keep her warm.<end_of_turn> JUNK", add_bos=False, special=False)
-    assert engine.llm.detokenize(tokens).decode().count("<end_of_turn>") == 1  # plain pieces, not the token
-
-    def generate(prompt_tokens, **kwargs):
-        yield from tokens
-
-    monkeypatch.setattr(engine.llm, "generate", generate)
+    tokens = scripted_sampling(engine, monkeypatch, "Keep her warm.<end_of_turn> JUNK", special=False)
+    assert engine.detokenize(tokens).count("<end_of_turn>") == 1  # plain pieces, not the token
     assert engine.reply(conversation("What now?"), Sampling(max_tokens=64)) == "Keep her warm."
 
 
 @pytest.mark.slow
-def test_concurrent_streams_queue_on_the_lock_and_match_sequential_results(engine):
-    questions = ["Why does my dog eat grass?", "How often should I feed a kitten?", "Can rabbits eat carrots?"]
-    greedy = Sampling(temperature=0.0, max_tokens=12, seed=0)
-    sequential = [engine.reply(conversation(q), greedy) for q in questions]
-    results = [None] * len(questions)
+def test_stop_strings_of_the_request_end_the_reply(engine, monkeypatch):
+    scripted_sampling(engine, monkeypatch, "Walk him twice a day. ### Next topic", special=False)
+    generation = engine.start(conversation("What now?"), Sampling(max_tokens=64, stop=["###"]))
+    assert generation.reply() == "Walk him twice a day. "
+    assert generation.finish_reason == "stop"
 
-    def run(i):
-        results[i] = engine.reply(conversation(questions[i]), greedy)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert results == sequential
+@pytest.mark.slow
+def test_sampler_chain_is_llama_cpp_pythons_own(engine):
+    """A reply alone draws exactly the tokens llama-cpp-python's Llama.generate draws with the same settings."""
+    from chat.llama_runtime import open_llama
+
+    prompt = engine.prepare(conversation("Why does my dog eat grass?"), 16)
+    fresh = ChatEngine(gemma_270m_gguf(), n_ctx=512, n_threads=TEST_THREADS)  # no cache from other tests
+    llm = open_llama(gemma_270m_gguf(), n_ctx=512, n_threads=TEST_THREADS, verbose=False)
+    try:
+        for sampling in (Sampling(temperature=0.0, max_tokens=16, seed=0), Sampling(temperature=0.7, max_tokens=16, seed=5)):
+            generation = fresh.start(prompt, sampling)
+            generation.reply()
+            llm.set_seed(sampling.seed)
+            theirs = []
+            for token in llm.generate(prompt.tokens, temp=sampling.temperature, top_p=sampling.top_p,
+                                      top_k=sampling.top_k, repeat_penalty=sampling.repeat_penalty):
+                theirs.append(token)
+                if len(theirs) == len(generation.tokens):
+                    break
+            assert generation.tokens == theirs and len(theirs) > 4
+    finally:
+        fresh.close()
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_replies_decoded_together_match_replies_decoded_alone(kind):
+    """Several conversations share each decode step (batches of several tokens on a Q8_0 model) and give the
+    replies they give one at a time."""
+    import tiny_gguf_models
+
+    engine = ChatEngine(tiny_gguf(kind), n_ctx=256, n_threads=TEST_THREADS, parallel=3)
+    try:
+        asks = [[{"role": "system", "content": system}, {"role": "user", "content": tiny_gguf_models.QUESTION}]
+                for system in (SYSTEM, "You help with cats.", "Answer briefly.")]
+        greedy = Sampling(temperature=0.0, max_tokens=24)
+        alone = [engine.reply(a, greedy) for a in asks]
+        steps_alone = engine.batcher.steps
+        generations = [engine.start(a, greedy) for a in asks]
+        together = [None] * len(asks)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, generations[i].reply()))
+                   for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert together == alone and alone[0] == tiny_gguf_models.REPLY
+        assert engine.batcher.largest_batch == 3  # three replies in one decode step
+        assert engine.batcher.steps - steps_alone <= steps_alone / 2  # far fewer steps than one at a time
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_a_reply_waits_in_line_for_a_free_sequence_and_sees_its_place():
+    engine = ChatEngine(tiny_gguf("llama"), n_ctx=256, n_threads=TEST_THREADS, parallel=1)
+    try:
+        long = Sampling(temperature=0.0, max_tokens=200, logit_bias={t: -100.0 for t in engine.stop_ids})
+        first = engine.start([{"role": "user", "content": "Tell me about dogs."}], long)
+        second = engine.start([{"role": "user", "content": "And cats?"}], long)
+        third = engine.start([{"role": "user", "content": "And birds?"}],
+                             Sampling(temperature=0.0, max_tokens=4, logit_bias=long.logit_bias))
+        pieces = iter(first)
+        next(pieces)
+        assert (first.queue_position, second.queue_position, third.queue_position) == (None, 0, 1)
+        second.cancel()  # leaves the line
+        first.cancel()
+        third.reply()
+        assert third.finish_reason == "length" and len(third.tokens) == 4
+        assert second.finish_reason is None and list(second) == [] and second.finish_reason == "cancelled"
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_the_next_turn_of_a_conversation_reads_only_its_new_tokens():
+    import tiny_gguf_models
+
+    engine = ChatEngine(tiny_gguf("llama"), n_ctx=256, n_threads=TEST_THREADS, parallel=2)
+    try:
+        turn = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": tiny_gguf_models.QUESTION}]
+        first = engine.start(turn, Sampling(temperature=0.0, max_tokens=24))
+        reply = first.reply()
+        engine.reply([{"role": "user", "content": "Something else entirely."}], Sampling(max_tokens=4))
+        second = engine.start(turn + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}],
+                              Sampling(temperature=0.0, max_tokens=8))
+        second.reply()
+        # its own earlier turn is still cached in one of the two sequences: only the new turn is read
+        assert second.prompt_tokens_reused >= len(first.prompt.tokens)
+    finally:
+        engine.close()
 
 
 # ---- Chainlit handlers (chat/app.py) with a scripted engine ------------------------------------
+
+
+class ScriptedGeneration:
+    """Stands in for chat.engine.Generation: canned pieces, after `waits` reads of a place in line."""
+
+    def __init__(self, engine, prompt, stop_event):
+        self.engine, self.prompt, self.stop_event = engine, prompt, stop_event
+        self.places = list(engine.places)  # what queue_position reads, one after the other, then None
+        self.cancelled = False
+
+    @property
+    def queue_position(self):
+        return self.places.pop(0) if self.places else None
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __iter__(self):
+        engine = self.engine
+        while self.places:  # waiting in line
+            time.sleep(0.05)
+        if engine.fail_next:
+            engine.fail_next = False
+            raise ChatError("generating the reply failed: llama_decode returned -3")
+        question = self.prompt.messages[-1]["content"]
+        for piece in ["You asked: ", question, ". ", "See a vet."] if not engine.slow else ["tick "] * 500:
+            if self.cancelled or (self.stop_event is not None and self.stop_event.is_set()):
+                return
+            if engine.slow:
+                time.sleep(0.01)
+            yield piece
 
 
 class ScriptedEngine:
@@ -307,29 +414,21 @@ class ScriptedEngine:
 
     def __init__(self, tmp_path: Path):
         self.path = tmp_path / "vet-q8_0.gguf"
-        self.n_ctx, self.n_threads = 2048, 2
+        self.n_ctx, self.n_threads, self.parallel = 2048, 2, 4
         self.template_warning = None
-        self.lock = threading.RLock()
         self.seen: list[list[dict]] = []
         self.fail_next = False
         self.slow = False
         self.notes: list[str] = []
+        self.places: list[int] = []  # places in line a reply goes through before its first piece
+        self.batcher = types.SimpleNamespace(busy=lambda: (1, 0))
 
     def prepare(self, messages, max_tokens=256):
         return Prompt(tokens=[1, 2, 3], messages=[dict(m) for m in messages], max_tokens=max_tokens, notes=list(self.notes))
 
-    def stream(self, prompt, sampling=None, stop_event=None):
+    def start(self, prompt, sampling=None, stop_event=None):
         self.seen.append(prompt.messages)
-        if self.fail_next:
-            self.fail_next = False
-            raise RuntimeError("llama_decode returned -3")
-        question = prompt.messages[-1]["content"]
-        for i, piece in enumerate(["You asked: ", question, ". ", "See a vet."] if not self.slow else ["tick "] * 500):
-            if stop_event is not None and stop_event.is_set():
-                return
-            if self.slow:
-                time.sleep(0.01)
-            yield piece
+        return ScriptedGeneration(self, prompt, stop_event)
 
 
 @pytest.fixture(scope="module")
@@ -419,6 +518,40 @@ def test_reply_is_streamed_and_history_kept(app_module, scripted):
     assert second[0] == {"role": "system", "content": app_module.VETAI_SYSTEM_PROMPT}
     assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
     assert second[2]["content"] == "You asked: Is my puppy too thin?. See a vet."
+
+
+def shown(tab) -> list[str]:
+    """What the reply showed on screen, one entry per stream event (a sequence token replaces the text)."""
+    texts, current = [], ""
+    for event, data in tab.events:
+        if event == "stream_start":
+            current = data["output"]
+        elif event == "stream_token":
+            current = data["token"] if data["isSequence"] else current + data["token"]
+        else:
+            continue
+        texts.append(current)
+    return texts
+
+
+def test_a_reply_shows_its_place_in_line_at_once_then_the_reply(app_module, scripted):
+    scripted.places = [2, 2, 1, 0]
+
+    async def scenario():
+        tab = Browser()
+        await tab.start(app_module)
+        await tab.say("Is my puppy too thin?")
+        return tab
+
+    tab = run(scenario())
+    states = shown(tab)
+    assert states[0] == app_module.READING  # before any work: the message is there at once
+    in_line = [s for s in states if "in line" in s]
+    assert [s.split("number ")[1].split(" ")[0] for s in in_line] == ["3", "2", "1"]
+    assert states[-1] == "You asked: Is my puppy too thin?. See a vet."
+    assert all("in line" not in s for s in states[states.index(in_line[-1]) + 1:])  # the reply replaces the status
+    assert tab.replies() == ["You asked: Is my puppy too thin?. See a vet."]
+    assert [m["content"] for m in scripted.seen[-1] if m["role"] == "user"] == ["Is my puppy too thin?"]
 
 
 def test_sessions_keep_separate_histories(app_module, scripted):

@@ -203,9 +203,9 @@ def one_thread():
 
 def chat_reply(gguf_path: Path, question: str) -> dict:
     """One greedy chat turn in llama-cpp-python, with whatever template it picks from the file."""
-    from llama_cpp import Llama
+    from chat.llama_runtime import open_llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=256, n_threads=1, verbose=False)
+    llm = open_llama(gguf_path, n_ctx=256, n_threads=1, verbose=False)
     try:
         out = llm.create_chat_completion(messages=[{"role": "user", "content": question}],
                                          temperature=0.0, max_tokens=32)

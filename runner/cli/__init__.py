@@ -24,11 +24,12 @@ from .options import err
 from .recipe import plan, validate
 from .share import push, space
 from .sweep import sweep
+from .serve import serve
 from .train import train
 
 app = typer.Typer(
     name="tunebook",
-    help="Declarative LoRA/QLoRA fine-tuning recipes: validate, plan, train, evaluate, export, chat, share.",
+    help="Declarative LoRA/QLoRA fine-tuning recipes: validate, plan, train, evaluate, export, chat, serve, share.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,7 +48,7 @@ def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show
 
 for name, command in (("validate", validate), ("plan", plan), ("data", data), ("train", train), ("sweep", sweep),
                       ("eval", eval_), ("export", export), ("compare", compare), ("gc", gc), ("chat", chat),
-                      ("export-config", export_config), ("push", push), ("space", space)):
+                      ("serve", serve), ("export-config", export_config), ("push", push), ("space", space)):
     app.command(name)(command)
 
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from chat.engine import DEFAULT_PARALLEL
+
 from ..errors import TunebookError
 from ..run_dir import RunDir, newest_run_with_gguf
 
@@ -17,6 +19,7 @@ def chat(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     quant: Annotated[str | None, typer.Option(help="Which of the run's GGUFs (q8_0, q4_k_m, ...; default: the "
                                               "recipe's first export type).")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="Conversations decoded together; more wait in line.")] = DEFAULT_PARALLEL,
 ) -> None:
     """Start the web chat on the exported GGUF (CPU, llama-cpp-python), with the run's system prompt."""
     from rich.console import Console
@@ -34,6 +37,6 @@ def chat(
                                 f"    fix: pass the run directory ({target.parent}) with --quant, or the file alone")
         gguf = check_gguf(target if target.is_file() else run.find_gguf(quant))
         Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
-        serve(gguf, host=host, port=port, system_prompt=run.system_prompt())
+        serve(gguf, host=host, port=port, system_prompt=run.system_prompt(), parallel=parallel)
     except ChatError as exc:
         raise TunebookError(str(exc)) from None

@@ -375,13 +375,10 @@ def transformers_logits(model_dir: Path, gguf_path: Path, ids: list[int]) -> np.
 
 def llama_cpp_logits(gguf_path: Path, ids: list[int], text: str, n_threads: int) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for `ids`, and its own tokenization of `text` (no special tokens)."""
-    from llama_cpp import Llama
+    from chat.llama_runtime import open_llama
 
-    from chat.llama_log import route_llama_logs
-
-    route_llama_logs()
-    llm = Llama(model_path=str(gguf_path), n_ctx=max(64, len(ids) + 8), n_batch=max(8, len(ids)),
-                n_threads=n_threads, logits_all=True, verbose=False)
+    llm = open_llama(gguf_path, n_ctx=max(64, len(ids) + 8), n_batch=max(8, len(ids)),
+                     n_threads=n_threads, logits_all=True, verbose=False)
     try:
         llm.eval(ids)
         logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32)  # a view: it outlives close(), no copy
@@ -431,25 +428,14 @@ def config_mismatches(model_dir: Path, gguf_path: Path) -> dict[str, str]:
 
 
 def llama_cpp_skip_reason() -> str | None:
-    """Why llama.cpp cannot be used here, or None. A native build crashes on AMX Xeons for batches of
-    more than one token (llama.cpp#20824); set-up builds it with CMAKE_ARGS="-DGGML_NATIVE=OFF"."""
+    """Why llama.cpp cannot be used here, or None (chat/llama_runtime.py loads it, AMX guard included)."""
     try:
-        import llama_cpp
+        from chat import llama_runtime
+
+        llama_runtime.load()
     except Exception as e:  # noqa: BLE001 - a broken build is as unusable as a missing one
-        return f"llama-cpp-python does not import ({e})"
-    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    if "AMX_INT8 = 1" in info and _cpu_has_amx():
-        return ("llama-cpp-python was built with native AMX kernels, which crash on this CPU "
-                '(llama.cpp#20824); rebuild: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall '
-                "--no-cache-dir llama-cpp-python")
+        return f"llama-cpp-python does not load ({e})"
     return None
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def _threads() -> int:

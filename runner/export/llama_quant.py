@@ -38,8 +38,9 @@ def quantize_gguf(source: Path, out: Path, quant: str, kept: dict[str, QT] | Non
     """Quantize the GGUF `source` (F32/BF16/F16 weights) to `quant` at `out`; `kept`: GGUF tensor name ->
     type for the embedding / output head (runner/export/gguf_writer.py `kept_types`). The file appears under
     its name only when llama.cpp has finished it."""
-    import llama_cpp
+    from chat.llama_runtime import load
 
+    llama_cpp = load()  # the CPU backend this machine runs (a build with runtime dispatch has none before)
     if quant not in FTYPES:
         raise GGUFExportError(f"{quant!r} is not a llama.cpp type tunebook makes", f"use one of {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
@@ -97,10 +98,12 @@ def _llama_cpp_log(log):
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         yield messages
-    finally:
+    finally:  # back to the process's own handler (chat/llama_log.py), else llama-cpp-python's
         from llama_cpp import _logger
 
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        from chat import llama_log
+
+        llama_cpp.llama_log_set(llama_log._installed or _logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 # --- llama.cpp's row quantizer, for verification ------------------------------------------------------
