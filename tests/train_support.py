@@ -71,3 +71,21 @@ def launch_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = F
         text = text.replace("dtype: float32}", "dtype: float32, load_in_4bit: true}")
     recipe.write_text(text)
     return recipe
+
+
+def nan_base(folder: Path) -> Path:
+    """The tiny Llama with one NaN weight (its final norm): every logit is NaN from the first forward pass on,
+    which is what a model overflowing in its dtype (Gemma 3 in float16) gives a trainer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = tiny_base(folder)
+    bad = folder / "tiny-llama-nan"
+    if not (bad / "config.json").is_file():
+        import shutil
+
+        shutil.copytree(good, bad)
+        weights = load_file(bad / "model.safetensors")
+        weights["model.norm.weight"][0] = torch.nan
+        save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
