@@ -520,10 +520,9 @@ def metrics_rows(log_history: list[dict], seconds: dict[str, list[float]] | None
 
 
 def read_trainer_state(output_dir: Path) -> dict:
-    """trainer_state.json of the newest checkpoint (the trainer saves one at the last step)."""
+    """trainer_state.json at the end of training (written by tunebook's plugin), else the newest checkpoint's."""
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=step_of)
-    for checkpoint in reversed(checkpoints):
-        path = checkpoint / "trainer_state.json"
+    for path in [output_dir / "trainer_state.json"] + [c / "trainer_state.json" for c in reversed(checkpoints)]:
         if path.is_file():
             return json.loads(path.read_text())
     raise TunebookError(f"axolotl finished but left no trainer_state.json under {output_dir}\n"
@@ -616,10 +615,11 @@ class AxolotlBackend:
             log(f"stage {stage.name}: packing: axolotl's sample packing with attn_implementation {PACKING_ATTENTION}: "
                 "no attention mask, position ids restart at every sample, so packed samples never attend to each other")
         log(f"stage {stage.name}: axolotl train {config_path} --launcher python (log: {work / 'axolotl.log'})")
-        run = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
         output, metrics = work / "output", MetricsLog(stage_dir.metrics)
+        (output / "trainer_state.json").unlink(missing_ok=True)  # the plugin writes it when this training ends
+        run = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
         if run.non_finite:  # the plugin stopped training at the first NaN; keep what axolotl logged, then fail
-            if any(output.glob("checkpoint-*/trainer_state.json")):
+            if (output / "trainer_state.json").is_file():
                 self._write_metrics(metrics, read_trainer_state(output)["log_history"], run.seconds)
             hit = run.non_finite
             raise fail_stage(stage_dir, lineage, self.name, hit["step"], hit["metric"], float(hit["value"]), precision)

@@ -7,12 +7,15 @@ stage's config) and imports nothing from tunebook.
 - the first step's training loss is logged (hf: logging_first_step), so a short stage has a loss row;
 - a NaN or infinite loss is logged as it is, not replaced by the mean of earlier ones (logging_nan_inf_filter);
 - the first NaN or infinite loss / eval_loss (the evaluation before training included) is printed as one
-  `tunebook-axolotl: non-finite {...}` line and stops training: tunebook fails the stage with it.
+  `tunebook-axolotl: non-finite {...}` line and stops training: tunebook fails the stage with it;
+- at the end of training the trainer's state (every logged row) is written to output_dir/trainer_state.json,
+  whether or not the last step was a checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
@@ -28,7 +31,7 @@ def _number(value):
         return None
 
 
-class StopOnNonFinite(TrainerCallback):
+class Watch(TrainerCallback):
     def __init__(self):
         self.seen = False
 
@@ -42,6 +45,10 @@ class StopOnNonFinite(TrainerCallback):
                 control.should_training_stop = True
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+
 
 class TunebookPlugin(BasePlugin):
     def get_training_args(self, cfg):
@@ -54,4 +61,4 @@ class TunebookPlugin(BasePlugin):
         return args
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        return [StopOnNonFinite()]
+        return [Watch()]
