@@ -23,7 +23,7 @@ from runner.errors import TunebookError
 from runner.train.metrics import read_metrics
 from runner.recipe import load_recipe
 from runner.run_dir import RunDir, StageDir
-from train_support import ROOT, nan_base, tiny_base, two_stage_recipe, write_recipe
+from train_support import ROOT, nan_base, quickstart_like, tiny_base, two_stage_recipe, write_recipe
 
 
 @pytest.fixture(scope="session")
@@ -145,17 +145,6 @@ def test_same_split_as_the_hf_backend(tmp_path):
         ids = tokenize_conversations(convs, tokenizer.chat_template, tokenizer, train_on="assistant",
                                      max_length=recipe.model.max_seq_length, truncation="truncate").examples
         assert [e["input_ids"] for e in ids] == [e["input_ids"] for e in examples]
-
-
-def quickstart_like(folder, name="two"):
-    """two_stage_recipe trained as the quickstart trains: packed rows, and the end-of-turn token's embedding row
-    trained at a learning rate of its own (lora.trainable_tokens, train.trainable_tokens_lr)."""
-    path = two_stage_recipe(folder, name=name, extra_train=", packing: true, trainable_tokens_lr: 0.05")
-    # a loss row every 4 steps: the first step's is logged too (hf: logging_first_step; axolotl: tunebook's plugin)
-    path.write_text(path.read_text().replace("logging_steps: 1", "logging_steps: 4"))
-    path.write_text(path.read_text().replace("target_modules: all-linear}",
-                                             "target_modules: all-linear, trainable_tokens: ['<|eot_id|>']}"))
-    return path
 
 
 def test_dtype_and_trainable_tokens_translation(tmp_path):
@@ -476,3 +465,18 @@ def test_a_nan_evaluation_fails_the_stage_before_training(tmp_path):
     assert not run.stage("general").adapter.exists() and not run.stage("vet").exists()
     log = (run.stage("general").work("axolotl") / "axolotl.log").read_text()
     assert "tunebook-axolotl: non-finite" in log
+
+
+@pytest.mark.usefixtures("axolotl_env")
+def test_float16_on_a_cpu_is_refused_before_training(tmp_path):
+    """A configuration axolotl cannot train and evaluate correctly here is refused before anything is loaded."""
+    import torch
+
+    from runner.train.backends import get_backend
+
+    recipe = load_recipe(two_stage_recipe(tmp_path), ["backend=axolotl", "model.dtype=float16"])
+    if torch.cuda.is_available():  # then float16 is a GPU's mixed precision: allowed
+        get_backend("axolotl").check(recipe)
+        return
+    with pytest.raises(TunebookError, match="model.dtype float16 on a machine without a GPU"):
+        get_backend("axolotl").check(recipe)

@@ -59,6 +59,16 @@ def two_stage_recipe(folder: Path, *, init: str = "continue", extra_train: str =
         """)
 
 
+def quickstart_like(folder: Path, name: str = "two", seed: int = 7) -> Path:
+    """two_stage_recipe trained as the quickstart trains: packed rows, and the end-of-turn token's embedding row
+    trained at a learning rate of its own (lora.trainable_tokens, train.trainable_tokens_lr). A loss row every 4
+    steps, so the first step's comes from logging the first step (hf: logging_first_step; axolotl: its plugin)."""
+    path = two_stage_recipe(folder, name=name, extra_train=", packing: true, trainable_tokens_lr: 0.05")
+    text = path.read_text().replace("logging_steps: 1", "logging_steps: 4").replace("seed: 7", f"seed: {seed}")
+    path.write_text(text.replace("target_modules: all-linear}",
+                                 "target_modules: all-linear, trainable_tokens: ['<|eot_id|>']}"))
+    return path
+
 def launch_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = False) -> Path:
     """two_stage_recipe for launches of several processes: the first stage keeps its best adapter, the second its
     last, and the end-of-turn token's rows are trained too (lora.trainable_tokens), as in the quickstart."""

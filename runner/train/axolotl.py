@@ -580,6 +580,13 @@ class AxolotlBackend:
             raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
                                 "    fix: use a model folder or hub id (a package: base is converted for it), "
                                 "or backend: hf")
+        import torch
+
+        if recipe.model.dtype == "float16" and not torch.cuda.is_available():
+            raise TunebookError("model.dtype float16 on a machine without a GPU: axolotl would train and evaluate in "
+                                "float16 mixed precision, which the trainer runs only on a GPU (and in which Gemma 3 "
+                                "overflows to NaN)\n    fix: set model.dtype: auto (bfloat16 where the CPU has it, else "
+                                "float32), bfloat16 or float32")
 
     def run_stage(self, job: StageJob) -> StageOutcome:
         import torch
