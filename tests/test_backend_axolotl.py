@@ -414,19 +414,18 @@ def test_merge_init_base_is_the_previous_adapter_merged_in(runs, tmp_path):
     assert (folder / "merged-from.json").stat().st_mtime_ns == stamp  # made once
 
 
-PARITY_TOLERANCE = 0.03  # nats; measured below
+PARITY_TOLERANCE = 0.05  # nats of validation loss; measured (see the test)
 
 
 def test_parity_with_the_hf_backend(runs):
     """The same recipe, data and steps under axolotl and hf, each stage's adapter scored by tunebook's evaluator
     (the forgetting matrix: token-weighted, the same validation samples), agree within PARITY_TOLERANCE nats.
 
-    Why that tolerance: the backends cannot agree exactly (their LoRA initialisations and sample orders differ:
-    random draws made in different places). Measured on this recipe (python -m bench.backend_parity --tiny,
-    results in bench/results/backend_parity_tiny.json): the hf backend under 3 seeds spreads up to PARITY_SPREAD
-    nats on one validation set; hf vs axolotl at the same seed differ by at most PARITY_MEASURED; training gains
-    0.2-0.3 nats over the base. A translation error (the NaN dtype, packed samples that attend to each other, the
-    end-of-turn row not trained, another learning rate) moves the scores by more than the tolerance."""
+    Why that tolerance: the backends cannot agree exactly (their LoRA initialisations and sample orders come
+    from different random draws). Measured on this recipe at seeds 7, 8, 9 (`python -m bench.backends --tiny`,
+    bench/results/backends_tiny.json): hf and axolotl at the same seed differ by at most 0.038 nats, and the hf
+    backend alone moves by up to 0.044 nats from one seed to another; both gain 0.26-0.39 nats over the base.
+    The tolerance sits just above that noise, and a gain a third of the size of the real ones is required."""
     recipe, _, hf_dir, _ = runs
     ax = json.loads((RunDir.of(recipe).path / "forgetting.json").read_text())["loss"]
     hf = json.loads((hf_dir / "forgetting.json").read_text())["loss"]
