@@ -56,10 +56,11 @@ VERSION_MARK = "@"                 # <stage>@<fingerprint>: a character no stage
 
 @dataclass
 class StageOutcome:
-    """What a finished (or interrupted) stage leaves for the next one; saved as <stage>/stage.json."""
+    """What a finished (or interrupted, or failed) stage leaves for the next one; saved as <stage>/stage.json.
+    Only a `done` stage is started from; a failed one says why in `error`."""
 
     name: str
-    status: str                      # done | interrupted
+    status: str                      # done | interrupted | failed
     adapter: str | None              # the adapter the next stage and export use
     lineage: list[str] = field(default_factory=list)  # adapters merged into the base before `adapter`
     steps: int = 0
@@ -69,6 +70,7 @@ class StageOutcome:
     kept: str = "last"
     seconds: float = 0.0
     world_size: int = 1
+    error: str | None = None         # why a failed stage failed
 
     @property
     def done(self) -> bool:
@@ -121,7 +123,8 @@ class StageDir:
 
     def save_outcome(self, outcome: StageOutcome) -> None:
         """Adapter paths inside the run directory are stored relative to it: a moved or copied run still
-        finds them, from any working directory."""
+        finds them, from any working directory. Strict JSON: a NaN or infinite number is refused (ValueError),
+        so a stage whose numbers are not finite is saved as failed, without them (runner/train/diverged.py)."""
         run = self.path.resolve().parent
         data = asdict(outcome)
         data["adapter"] = _portable(outcome.adapter, run)

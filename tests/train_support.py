@@ -59,6 +59,16 @@ def two_stage_recipe(folder: Path, *, init: str = "continue", extra_train: str =
         """)
 
 
+def quickstart_like(folder: Path, name: str = "two", seed: int = 7) -> Path:
+    """two_stage_recipe trained as the quickstart trains: packed rows, and the end-of-turn token's embedding row
+    trained at a learning rate of its own (lora.trainable_tokens, train.trainable_tokens_lr). A loss row every 4
+    steps, so the first step's comes from logging the first step (hf: logging_first_step; axolotl: its plugin)."""
+    path = two_stage_recipe(folder, name=name, extra_train=", packing: true, trainable_tokens_lr: 0.05")
+    text = path.read_text().replace("logging_steps: 1", "logging_steps: 4").replace("seed: 7", f"seed: {seed}")
+    path.write_text(text.replace("target_modules: all-linear}",
+                                 "target_modules: all-linear, trainable_tokens: ['<|eot_id|>']}"))
+    return path
+
 def launch_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = False) -> Path:
     """two_stage_recipe for launches of several processes: the first stage keeps its best adapter, the second its
     last, and the end-of-turn token's rows are trained too (lora.trainable_tokens), as in the quickstart."""
@@ -71,3 +81,21 @@ def launch_recipe(folder: Path, name: str, micro: int, *, load_in_4bit: bool = F
         text = text.replace("dtype: float32}", "dtype: float32, load_in_4bit: true}")
     recipe.write_text(text)
     return recipe
+
+
+def nan_base(folder: Path) -> Path:
+    """The tiny Llama with one NaN weight (its final norm): every logit is NaN from the first forward pass on,
+    which is what a model overflowing in its dtype (Gemma 3 in float16) gives a trainer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = tiny_base(folder)
+    bad = folder / "tiny-llama-nan"
+    if not (bad / "config.json").is_file():
+        import shutil
+
+        shutil.copytree(good, bad)
+        weights = load_file(bad / "model.safetensors")
+        weights["model.norm.weight"][0] = torch.nan
+        save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad

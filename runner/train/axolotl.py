@@ -34,13 +34,21 @@ from chat.templates import END_OF_TURN, template_names, template_text
 from .. import atomic
 from ..errors import TunebookError
 from ..recipe import OPTIMIZERS, Recipe, StageConfig
+from ..model.load import resolve_dtype, trainable_token_ids
 from ..run_dir import RunDir, StageOutcome
 from .protocol import StageJob
 from .checkpoints import step_of
+from .diverged import fail_stage, first_non_finite
 from .external import check_single_process, env_tool, failed, merged_base, run_logged
 from .metrics import FIELDS, MetricsLog
 
 GPU_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+# sample packing isolates packed samples only with an attention backend that reads the restarting position ids:
+# with sdpa axolotl drops the attention mask and transformers builds a block-diagonal causal mask (the same
+# mechanism tunebook's own packing uses, runner/data/pack.py); left unset, packed samples attend to each other.
+PACKING_ATTENTION = "sdpa"
+PLUGIN_DIR = Path(__file__).with_name("axolotl_plugin")   # put on axolotl's PYTHONPATH for a tunebook run
+PLUGIN = "tunebook_axolotl.TunebookPlugin"
 DTYPES = {"bfloat16": {"bf16": True, "fp16": False}, "float16": {"bf16": False, "fp16": True},
           "float32": {"bf16": False, "fp16": False}}
 DS_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -192,14 +200,26 @@ def stage_output_dir(recipe: Recipe, stage: StageConfig) -> Path:
     return RunDir.of(recipe).stage(stage.name).work("axolotl") / "output"
 
 
+def precision_keys(model_dtype: str, bf16) -> dict:
+    """axolotl's bf16/fp16 keys for the model's dtype ("auto" or a torch dtype name) and train.bf16. axolotl loads
+    the model in the dtype these keys imply, and `bf16: auto` without a CUDA GPU means float16 (where Gemma 3,
+    for one, overflows to NaN): a tunebook run passes the dtype it resolved, so axolotl never guesses. (`bf16: true`
+    on a CPU needs the trainer's use_cpu, which tunebook's plugin sets: axolotl_plugin/.)"""
+    if bf16 == "auto":
+        return dict(DTYPES.get(model_dtype, {"bf16": "auto"}))
+    return {"bf16": bool(bf16), "fp16": False}
+
+
 def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | None = None,
                    base_model: str | None = None, lora_model_dir: str | None = None,
-                   output_dir: Path | None = None, cpu: bool = False) -> dict:
+                   output_dir: Path | None = None, cpu: bool = False, dtype: str | None = None,
+                   token_ids: list[int] | None = None) -> dict:
     """One stage of a recipe as an axolotl config (a dict ready for YAML).
 
     files: the stage's conversations written by tunebook (else the config reads data.source itself).
     base_model / lora_model_dir / output_dir: what a tunebook run uses; an export derives them from the recipe.
-    cpu: GPU-only LoRA kernels off."""
+    cpu: GPU-only LoRA kernels off. dtype: the torch dtype `model.dtype: auto` resolved to (a tunebook run).
+    token_ids: the ids of lora.trainable_tokens (their embedding rows are trained, at train.trainable_tokens_lr)."""
     model, lora, t = recipe.model, recipe.lora, stage.train
     i = recipe.stages.index(stage)
     if base_model is None:
@@ -234,6 +254,13 @@ def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | No
         cfg["peft_use_dora"] = True
     if lora.use_rslora:
         cfg["peft_use_rslora"] = True
+    if lora.trainable_tokens:
+        if not token_ids:
+            raise TunebookError("lora.trainable_tokens: their token ids are needed for an axolotl config\n"
+                                "    fix: pass token_ids (export_configs reads them from the tokenizer)")
+        cfg["peft_trainable_token_indices"] = list(token_ids)
+        if t.trainable_tokens_lr:  # axolotl's embedding group (no weight decay) holds the trained rows
+            cfg["embedding_lr"] = t.trainable_tokens_lr
 
     cfg.update(template_keys(recipe))
     if files is not None:
@@ -253,6 +280,7 @@ def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | No
     cfg["sample_packing"] = t.packing
     if t.packing:
         cfg["eval_sample_packing"] = False
+        cfg["attn_implementation"] = PACKING_ATTENTION
 
     if t.max_steps is not None:
         cfg["max_steps"] = t.max_steps
@@ -282,10 +310,7 @@ def axolotl_config(recipe: Recipe, stage: StageConfig, *, files: StageFiles | No
     if t.gradient_checkpointing:
         cfg["gradient_checkpointing"] = True
 
-    if t.bf16 == "auto":
-        cfg.update(DTYPES.get(model.dtype, {"bf16": "auto"}))
-    else:
-        cfg.update({"bf16": bool(t.bf16), "fp16": False})
+    cfg.update(precision_keys(model.dtype if model.dtype != "auto" else (dtype or "auto"), t.bf16))
     cfg["seed"] = recipe.seed
     cfg["output_dir"] = str(output_dir)
     cfg["dataset_prepared_path"] = str(Path(output_dir).parent / "prepared")
@@ -375,6 +400,12 @@ def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path
 
         log(f"model.base is {recipe.model.base}: using its converted model folder (converted once, then cached)")
         base_model = model_source(recipe.model, recipe.base_dir, log)
+    token_ids = None
+    if recipe.lora.trainable_tokens:
+        from ..model.base import load_tokenizer
+        from ..model.load import trainable_token_ids
+
+        token_ids = trainable_token_ids(recipe.lora, load_tokenizer(recipe.model, base_dir=recipe.base_dir))
     out = {}
     tokenizer = None
     for stage in stages:
@@ -393,7 +424,7 @@ def export_configs(recipe: Recipe, stage_name: str | None = None, data_dir: Path
                                           stage_tokenizer, log=log)
         else:
             files = write_stage_files(recipe, stage, Path(data_dir) / stage.name, stage_tokenizer, log=log)
-        cfg = axolotl_config(recipe, stage, files=files, base_model=base_model)
+        cfg = axolotl_config(recipe, stage, files=files, base_model=base_model, token_ids=token_ids)
         i = recipe.stages.index(stage)
         header = [f"axolotl config for stage '{stage.name}' ({i + 1} of {len(recipe.stages)}) of tunebook recipe "
                   f"'{recipe.name}'", "written by `tunebook export-config --to axolotl`; run: axolotl train FILE"]
@@ -448,6 +479,17 @@ def validate(*config_paths: Path, timeout: int = 300) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ training
 
 METRIC_LINE = re.compile(r"\{'(loss|eval_loss)':")
+PLUGIN_LINE = "tunebook-axolotl:"
+
+
+@dataclass
+class AxolotlRun:
+    """What tunebook learned from one `axolotl train` process's output."""
+
+    code: int
+    seconds: dict[str, list[float]]          # wall-clock seconds of each printed train/eval line
+    non_finite: dict | None = None           # {"step", "metric", "value"}: the plugin stopped training there
+    plugin_active: bool = False
 
 
 def metrics_rows(log_history: list[dict], seconds: dict[str, list[float]] | None = None) -> list[dict]:
@@ -485,10 +527,9 @@ def metrics_rows(log_history: list[dict], seconds: dict[str, list[float]] | None
 
 
 def read_trainer_state(output_dir: Path) -> dict:
-    """trainer_state.json of the newest checkpoint (the trainer saves one at the last step)."""
+    """trainer_state.json at the end of training (written by tunebook's plugin), else the newest checkpoint's."""
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=step_of)
-    for checkpoint in reversed(checkpoints):
-        path = checkpoint / "trainer_state.json"
+    for path in [output_dir / "trainer_state.json"] + [c / "trainer_state.json" for c in reversed(checkpoints)]:
         if path.is_file():
             return json.loads(path.read_text())
     raise TunebookError(f"axolotl finished but left no trainer_state.json under {output_dir}\n"
@@ -508,25 +549,32 @@ def _copy_adapter(output_dir: Path, adapter_dir: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
-def _run_axolotl(config_path: Path, log_path: Path, stage: str, log) -> tuple[int, dict[str, list[float]]]:
-    """`axolotl train CONFIG --launcher python`, its output kept in log_path; train/eval log lines are passed
-    on to `log`. Returns (exit status, wall-clock seconds of each printed train/eval line since training began)."""
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+def _run_axolotl(config_path: Path, log_path: Path, stage: str, log) -> AxolotlRun:
+    """`axolotl train CONFIG --launcher python` with tunebook's plugin on its path, its output kept in log_path;
+    train/eval log lines are passed on to `log`."""
+    path = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     cmd = [str(axolotl_exe()), "train", str(config_path), "--launcher", "python"]
-    seconds: dict[str, list[float]] = {"train": [], "eval": []}
+    run = AxolotlRun(0, {"train": [], "eval": []})
     start = [time.perf_counter()]
 
     def on_line(line: str) -> None:
         if "Starting trainer" in line:
             start[0] = time.perf_counter()
         found = METRIC_LINE.search(line)
-        if found:
-            seconds["train" if found.group(1) == "loss" else "eval"].append(time.perf_counter() - start[0])
+        if PLUGIN_LINE in line:  # possibly after a progress bar's carriage return
+            said = line[line.index(PLUGIN_LINE) + len(PLUGIN_LINE):].strip()
+            run.plugin_active = True
+            if said.startswith("non-finite "):
+                run.non_finite = json.loads(said[len("non-finite "):])
+        elif found:
+            run.seconds["train" if found.group(1) == "loss" else "eval"].append(time.perf_counter() - start[0])
             log("axolotl: " + line[found.start():].strip())
         elif "[ERROR]" in line or line.startswith(("Traceback", "RuntimeError", "ValueError")):
             log("axolotl: " + line.rstrip())
 
-    return run_logged(cmd, env, log_path, on_line, stage), seconds
+    run.code = run_logged(cmd, env, log_path, on_line, stage)
+    return run
 
 
 class AxolotlBackend:
@@ -539,6 +587,13 @@ class AxolotlBackend:
             raise TunebookError(f"model.base {recipe.model.base}: axolotl cannot load a GGUF file\n"
                                 "    fix: use a model folder or hub id (a package: base is converted for it), "
                                 "or backend: hf")
+        import torch
+
+        if recipe.model.dtype == "float16" and not torch.cuda.is_available():
+            raise TunebookError("model.dtype float16 on a machine without a GPU: axolotl would train and evaluate in "
+                                "float16 mixed precision, which the trainer runs only on a GPU (and in which Gemma 3 "
+                                "overflows to NaN)\n    fix: set model.dtype: auto (bfloat16 where the CPU has it, else "
+                                "float32), bfloat16 or float32")
 
     def run_stage(self, job: StageJob) -> StageOutcome:
         import torch
@@ -551,10 +606,13 @@ class AxolotlBackend:
         lineage = job.lineage
         base = merged_base(job.model_ref, recipe, lineage, work / "merged-base", log) if lineage else job.model_ref
         files = write_stage_files(recipe, stage, work / "data", tokenizer, log)
+        dtype = str(resolve_dtype(recipe.model)).split(".")[-1]
         cfg = axolotl_config(recipe, stage, files=files, base_model=base,
                              lora_model_dir=previous.adapter if stage.init == "continue" and previous else None,
-                             output_dir=(work / "output").resolve(), cpu=not torch.cuda.is_available())
+                             output_dir=(work / "output").resolve(), cpu=not torch.cuda.is_available(), dtype=dtype,
+                             token_ids=trainable_token_ids(recipe.lora, tokenizer))
         cfg["auto_resume_from_checkpoints"] = True  # a rerun after an interruption resumes
+        cfg["plugins"] = [PLUGIN]  # logs like the hf backend, stops at the first NaN (axolotl_plugin/)
         if not stage.train.save_steps and not cfg.get("save_steps"):
             cfg["save_steps"] = stage.train.max_steps or 10**9  # one checkpoint at the end: its trainer_state.json
         if files.rows < 10_000:
@@ -564,16 +622,31 @@ class AxolotlBackend:
         config_path = work / "config.yaml"
         atomic.write_text(config_path, config_yaml(cfg, f"stage {stage.name} of recipe {recipe.name} "
                                                         f"(stage {i + 1} of {len(recipe.stages)}), run by tunebook"))
+        precision = ("bf16" if cfg.get("bf16") is True else "fp16" if cfg.get("fp16") is True else "float32")
+        log(f"stage {stage.name}: axolotl trains in {precision} (model.dtype {recipe.model.dtype} is {dtype} here, "
+            "as on the hf backend)")
+        if stage.train.packing:
+            log(f"stage {stage.name}: packing: axolotl's sample packing with attn_implementation {PACKING_ATTENTION}: "
+                "no attention mask, position ids restart at every sample, so packed samples never attend to each other")
         log(f"stage {stage.name}: axolotl train {config_path} --launcher python (log: {work / 'axolotl.log'})")
-        code, seconds = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
-        if code != 0:
-            raise failed("axolotl", code, stage.name, work / "axolotl.log")
-        state = read_trainer_state(work / "output")
-        rows = metrics_rows(state["log_history"], seconds)
-        metrics = MetricsLog(stage_dir.metrics)
-        metrics.trim(-1)
-        for row in rows:
-            metrics.append(row)
+        output, metrics = work / "output", MetricsLog(stage_dir.metrics)
+        (output / "trainer_state.json").unlink(missing_ok=True)  # the plugin writes it when this training ends
+        run = _run_axolotl(config_path, work / "axolotl.log", stage.name, log)
+        if run.non_finite:  # the plugin stopped training at the first NaN; keep what axolotl logged, then fail
+            if (output / "trainer_state.json").is_file():
+                self._write_metrics(metrics, read_trainer_state(output)["log_history"], run.seconds)
+            hit = run.non_finite
+            raise fail_stage(stage_dir, lineage, self.name, hit["step"], hit["metric"], float(hit["value"]), precision)
+        if run.code != 0:
+            raise failed("axolotl", run.code, stage.name, work / "axolotl.log")
+        if not run.plugin_active:
+            log(f"stage {stage.name}: warning: tunebook's axolotl plugin did not load (see {work / 'axolotl.log'}): "
+                "no first-step loss row, and a NaN loss would not stop training")
+        state = read_trainer_state(output)
+        rows = self._write_metrics(metrics, state["log_history"], run.seconds)
+        hit = first_non_finite(state["log_history"])  # the evaluation before training (step 0) included
+        if hit:
+            raise fail_stage(stage_dir, lineage, self.name, *hit, precision)
         _copy_adapter(work / "output", stage_dir.adapter)
         evals = [r for r in rows if "eval_loss" in r]
         best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
@@ -586,6 +659,14 @@ class AxolotlBackend:
             + (f", best eval ppl {outcome.best_eval_ppl:.3f} at step {outcome.best_step}" if best else "")
             + f"; adapter in {outcome.adapter}")
         return outcome
+
+    @staticmethod
+    def _write_metrics(metrics: MetricsLog, log_history: list[dict], seconds: dict) -> list[dict]:
+        rows = metrics_rows(log_history, seconds)
+        metrics.trim(-1)
+        for row in rows:
+            metrics.append(row)
+        return rows
 
 
 BACKEND = AxolotlBackend()

@@ -21,6 +21,7 @@ from ..model.load import device
 from ..recipe import OPTIMIZERS, Recipe, StageConfig
 from ..run_dir import StageDir, StageOutcome
 from .checkpoints import last_checkpoint, step_of
+from .diverged import fail_stage, first_non_finite
 from ..launch import barrier, is_main_process, shards_parameters
 from .gather import adapter_state_dict, save_adapter
 from .metrics import MetricsLog
@@ -47,6 +48,7 @@ def sft_config(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, autocast
         optim=OPTIMIZERS[t.optimizer],
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and fails the stage), never averaged away
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
@@ -112,6 +114,7 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
 
     class StageTrainer(SFTTrainer):
         tokens_seen = 0.0
+        diverged: tuple[int, str, float] | None = None  # (step, metric, value) of the first non-finite one
         best_loss = math.inf
         best_step: int | None = None
 
@@ -187,12 +190,16 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(tokens)
                 torch.distributed.all_reduce(mixed)
-            if not state.is_world_process_zero:
-                return
             row = {"step": state.global_step, "epoch": state.epoch, "loss": logs.get("loss"),
                    "eval_loss": logs.get("eval_loss"), "eval_ppl": logs.get("eval_ppl"),
                    "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                    "tokens_seen": int(tokens.item()), "seconds": round(self.base_seconds + time.perf_counter() - self.start, 3)}
+            if trainer.diverged is None:
+                trainer.diverged = first_non_finite([row])
+            if trainer.diverged is not None:  # every process stops (their logged numbers are the same)
+                control.should_training_stop = True
+            if not state.is_world_process_zero:
+                return
             sets = {name: {k: logs[f"eval_{k}/{name}"] for k in ("loss", "ppl", "tokens")}
                     for name in data.val_sets if f"eval_loss/{name}" in logs}
             if sets:
@@ -271,6 +278,9 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
         finally:
             progress.stop()
         steps = trainer.state.global_step
+        if trainer.diverged is not None:
+            raise fail_stage(stage_dir, lineage, "hf", *trainer.diverged, dtype=str(model.dtype).split(".")[-1]
+                             + (" + bf16 autocast" if autocast_bf16 else ""))
         if interrupt.requested:
             return StageOutcome(stage.name, "interrupted", None, lineage, steps)
         if stage.train.eval_steps and data.val and trainer.best_step != steps and steps % stage.train.eval_steps:

@@ -21,6 +21,7 @@ from ..recipe import OPTIMIZERS, Recipe, StageConfig
 from ..run_dir import StageDir, StageOutcome
 from .protocol import StageJob
 from .checkpoints import last_checkpoint, step_of
+from .diverged import fail_stage, first_non_finite
 from .external import check_single_process, env_tool, failed, merged_base, run_logged
 from .metrics import FIELDS, MetricsLog, read_metrics
 
@@ -133,6 +134,9 @@ class UnslothBackend:
         if code != 0:
             raise failed("unsloth", code, stage.name, work / "unsloth.log")
         result = json.loads((work / "result.json").read_text())
+        hit = first_non_finite(read_metrics(stage_dir.metrics))
+        if hit:
+            raise fail_stage(stage_dir, lineage, self.name, *hit, result.get("device"))
         with atomic.atomic_dir(stage_dir.adapter) as tmp:
             for item in Path(spec["out"]["adapter"]).iterdir():
                 shutil.copy2(item, tmp / item.name)
