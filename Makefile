@@ -9,15 +9,17 @@ AXOLOTL_VENV := .venv-axolotl
 UNSLOTH_VENV := .venv-unsloth
 # llama-cpp-python has no binary wheel on PyPI: set-up compiles it once per version and flags into the cache
 # (pip's own wheel cache would hand back a wheel built with other flags). Runtime CPU dispatch: one kernel
-# library per x86 feature level (AVX2, AVX-512, VNNI, BF16, ...), and chat/llama_runtime.py loads the best
-# one this CPU runs. The sapphirerapids variant, the only one with AMX kernels, is deleted after the
-# install: they segfault on AMX Xeons for batches > 1 token (llama.cpp#20824). The native build
-# (-march=native) is not used: it would take the AMX path on those Xeons.
+# library per x86 feature level, and chat/llama_runtime.py loads the best one this CPU runs. Of llama.cpp's
+# 14 x86 levels five are built (x64, haswell = AVX2, skylakex = AVX-512, icelake = + VNNI, zen4 = + BF16: every
+# CPU runs one of them, AVX-512 machines at full speed) to keep the compile short; the sapphirerapids one, the
+# only one with AMX kernels, is never built: they segfault on AMX Xeons for batches > 1 token (llama.cpp#20824).
+# The native build (-march=native) is not used: it would take the AMX path on those Xeons.
 LLAMA_CPP_PYTHON := 0.3.36
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib
 export FORCE_CMAKE := 1
+LLAMA_SKIPPED_VARIANTS := sse42|sandybridge|ivybridge|piledriver|cannonlake|cascadelake|cooperlake|alderlake|sapphirerapids
 TUNEBOOK_CACHE ?= $(HOME)/.cache/tunebook
-LLAMA_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell printf '%s' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_WHEELS := $(TUNEBOOK_CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell printf '%s %s' '$(CMAKE_ARGS)' '$(LLAMA_SKIPPED_VARIANTS)' | sha1sum | cut -c1-12)
 LLAMA_AMX_VARIANT := libggml-cpu-sapphirerapids.so
 
 .PHONY: demo test setup clean-venv
@@ -60,14 +62,19 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	rm -f "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib/$(LLAMA_AMX_VARIANT)"
 	touch $(STAMP)
 
-# The llama-cpp-python wheel for these CMAKE_ARGS (~X min on 2 cores, once; then from the cache).
+# The llama-cpp-python wheel for these CMAKE_ARGS and CPU levels (compiled once, then from the cache).
 .PHONY: llama-wheel
 llama-wheel: | $(BIN)/python
 	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
 	  echo "compiling llama-cpp-python $(LLAMA_CPP_PYTHON) with CMAKE_ARGS=$(CMAKE_ARGS) (once)"; \
-	  rm -rf $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); \
-	  $(BIN)/pip wheel --quiet --no-cache-dir --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(LLAMA_WHEELS).partial \
-	  && mv $(LLAMA_WHEELS).partial $(LLAMA_WHEELS); }
+	  rm -rf $(LLAMA_WHEELS).partial $(LLAMA_WHEELS) $(LLAMA_WHEELS).src; \
+	  $(BIN)/pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d $(LLAMA_WHEELS).src \
+	  && tar -xzf $(LLAMA_WHEELS).src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_WHEELS).src \
+	  && sed -i -E '/ggml_add_cpu_backend_variant\(($(LLAMA_SKIPPED_VARIANTS))[ )]/d' \
+	       $(LLAMA_WHEELS).src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/ggml/src/CMakeLists.txt \
+	  && $(BIN)/pip wheel --quiet --no-cache-dir --no-deps $(LLAMA_WHEELS).src/llama_cpp_python-$(LLAMA_CPP_PYTHON) \
+	       -w $(LLAMA_WHEELS).partial \
+	  && mv $(LLAMA_WHEELS).partial $(LLAMA_WHEELS) && rm -rf $(LLAMA_WHEELS).src; }
 
 # Debian's chromium for the browser tests (never `playwright install`).
 .PHONY: browser

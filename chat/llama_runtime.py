@@ -1,12 +1,13 @@
 """llama.cpp as tunebook loads it: the CPU kernels that fit this CPU, never the AMX path that crashes.
 
 `make setup` builds llama-cpp-python with runtime CPU dispatch (`GGML_BACKEND_DL`, `GGML_CPU_ALL_VARIANTS`):
-one `libggml-cpu-<variant>.so` per x86 feature level (haswell = AVX2, skylakex/icelake/zen4 = AVX-512, VNNI,
-BF16, ...), of which ggml loads the best one this CPU can run. The `sapphirerapids` variant, the only one
-with AMX kernels, is deleted after the install: its AMX matrix multiply segfaults on AMX Xeons for batches
-> 1 token (llama.cpp#20824, `ggml_backend_amx_mul_mat`). ggml looks for the variants next to the running
-executable and in the working directory, not in the Python package, so every process loads them with
-`load()` before it creates a model. A build without dispatch (one CPU backend linked in) works unchanged.
+one `libggml-cpu-<variant>.so` per x86 feature level (x64, haswell = AVX2, skylakex = AVX-512, icelake = + VNNI,
+zen4 = + BF16), of which ggml loads the best one this CPU can run. The `sapphirerapids` variant, the only one
+with AMX kernels, is not built (and deleted if a wheel has it): its AMX matrix multiply segfaults on AMX Xeons
+for batches > 1 token (llama.cpp#20824, `ggml_backend_amx_mul_mat`); those Xeons run the zen4 kernels. ggml
+looks for the variants next to the running executable and in the working directory, not in the Python
+package, so every process loads them with `load()` before it creates a model. A build without dispatch (one
+CPU backend linked in) works unchanged.
 
 The guard at run time, for builds made elsewhere: when the CPU backend in use has AMX kernels and this
 CPU runs them, models are loaded without llama.cpp's extra weight buffers (`use_extra_bufts = false`),

@@ -152,7 +152,7 @@ def finish_run(recipe: Recipe, run: RunDir, model_ref: str, tokenizer, prepared:
             from .export.stage_gguf import stage_gguf
             from .measure.gate import gate_run
 
-            gate_run(recipe, run, ggufs[0], tokenizer, last.sources()[0].system_prompt,
+            gate_run(recipe, run, next(iter(ggufs.values())), tokenizer, last.sources()[0].system_prompt,
                      lambda model: stage_gguf(recipe, run, model, log=log), log=log)
     if wall_start is not None and trained:
         atomic.write_text(run.wall_file, json.dumps({"wall_s": round(time.time() - wall_start, 1),

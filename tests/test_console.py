@@ -76,8 +76,8 @@ def test_llama_cpp_log_lines_only_when_verbose(tmp_path, verbose):
 
     tokenizer = llama_tokenizer()
     gguf = write_gguf(save(tiny_llama(tokenizer), tokenizer, tmp_path / "m"), tmp_path / "m.gguf", "f32")
-    code = ("from chat.llama_log import route_llama_logs; route_llama_logs(); from llama_cpp import Llama; "
-            f"Llama(model_path={str(gguf)!r}, n_ctx=32, verbose=False).close()")
+    code = ("from chat.llama_runtime import open_llama; "  # loads the CPU backend, routes the log lines
+            f"open_llama({str(gguf)!r}, n_ctx=32, verbose=False).close()")
     env = {"TUNEBOOK_VERBOSE": "1" if verbose else "0", "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                          cwd=console.__file__.rsplit("/runner/", 1)[0])

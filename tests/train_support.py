@@ -99,3 +99,8 @@ def nan_base(folder: Path) -> Path:
         weights["model.norm.weight"][0] = torch.nan
         save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     return bad
+
+
+def stage_started(stage) -> bool:
+    """A stage that began training: an outcome or a metrics row (its version folder is made before training)."""
+    return stage.outcome() is not None or stage.metrics.exists()
