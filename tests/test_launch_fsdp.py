@@ -95,7 +95,7 @@ def test_fsdp_two_processes_train_like_one_and_resume_from_sharded_checkpoints(t
     for path in (run2 / "general/checkpoints/checkpoint-6", run2 / "general/adapter", run2 / "general/best-adapter",
                  run2 / "vet", run2 / "forgetting.json"):
         if path.is_dir():
-            shutil.rmtree(path)
+            shutil.rmtree(path.resolve())  # runs/<name>/vet is the link to its version's folder
         else:
             path.unlink(missing_ok=True)
     (run2 / "general/stage.json").unlink()
