@@ -73,7 +73,7 @@ def main() -> None:
     except _click_exceptions.ClickException as exc:  # usage errors: shown as typer shows them, exit status 2
         _show_usage_error(exc)
         sys.exit(exc.exit_code)
-    except _click_exceptions.Abort:
+    except typer.Abort:  # Ctrl-C at a prompt
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
