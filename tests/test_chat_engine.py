@@ -320,7 +320,9 @@ def test_replies_decoded_together_match_replies_decoded_alone(kind):
         greedy = Sampling(temperature=0.0, max_tokens=24)
         alone = [engine.reply(a, greedy) for a in asks]
         steps_alone = engine.batcher.steps
-        generations = [engine.start(a, greedy) for a in asks]
+        prompts = [engine.prepare(a, greedy.max_tokens) for a in asks]
+        with engine.batcher._cv:  # all three queued before the decode thread admits any (a tiny model's reply
+            generations = [engine.start(p, greedy) for p in prompts]  # can end before the next is even queued)
         together = [None] * len(asks)
         threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, generations[i].reply()))
                    for i in range(len(asks))]
