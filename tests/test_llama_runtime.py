@@ -100,7 +100,9 @@ def test_under_the_guard_batches_of_several_tokens_and_sequences_decode(amx_cpu)
     engine = ChatEngine(tiny_gguf("llama"), n_ctx=128, n_threads=TEST_THREADS, parallel=2)
     try:
         question = [{"role": "user", "content": tiny_gguf_models.QUESTION}]
-        generations = [engine.start(question, Sampling(temperature=0.0, max_tokens=24)) for _ in range(2)]
+        prompt, greedy = engine.prepare(question, 24), Sampling(temperature=0.0, max_tokens=24)
+        with engine.batcher._cv:  # both queued before the decode thread admits either
+            generations = [engine.start(prompt, greedy) for _ in range(2)]
         assert [g.reply() for g in generations] == [tiny_gguf_models.REPLY] * 2
         assert engine.batcher.largest_batch == 2
     finally:
