@@ -80,6 +80,9 @@ def test_plan_says_what_an_edit_redoes_and_why(first):
                                                        "GGUF (q8_0)": "reuse", "quality checks": "reuse",
                                                        "report": "remake"}  # it shows the recipe
 
+    _, made = plan(load_recipe(path, ["export.quantization=[q8_0, f16]"]), run)  # a type added: only it is made
+    assert (made["GGUF (q8_0)"].action, made["GGUF (f16)"].action) == ("reuse", "make")
+
 
 def test_plan_command_counts_set_overrides_as_edits(first):
     path, _, _ = first

@@ -95,9 +95,9 @@ def artifacts(recipe: Recipe, run: RunDir) -> list[tuple[str, Path, list[str]]]:
     if len(recipe.stages) > 1:
         made.append(("forgetting matrix", run.forgetting_file, every))
     if recipe.export is not None:
-        quant = recipe.export.quantization
-        made += [("merged model", run.merged, last), (f"GGUF ({quant})", run.gguf(recipe.name, quant), last),
-                 ("quality checks", run.quality_file, last)]
+        made += [("merged model", run.merged, last)]
+        made += [(f"GGUF ({quant})", run.gguf(recipe.name, quant), last) for quant in recipe.export.quants]
+        made += [("quality checks", run.quality_file, last)]
     made.append(("report", run.report, every))
     return made
 
