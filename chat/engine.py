@@ -181,11 +181,13 @@ class Generation:
 
     def _next(self):
         while True:
+            if self._stop_event is not None and self._stop_event.is_set():  # also when tokens are waiting
+                self._request.cancel()
+                return Done("cancelled")
             try:
                 return self._request.out.get(timeout=0.05)
             except queue.Empty:
-                if self._stop_event is not None and self._stop_event.is_set():
-                    self._request.cancel()
+                pass
 
     def __iter__(self) -> Iterator[str]:
         data = b""  # the reply's bytes so far
