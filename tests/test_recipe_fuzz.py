@@ -8,6 +8,7 @@ import io
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
@@ -190,3 +191,13 @@ def test_hostile_yaml_documents_only_raise_located_recipe_errors(document):
         event(" ".join(exc.problems[0].message.split()[:4]))
     else:
         event("a valid recipe")
+
+
+@pytest.mark.parametrize("document", [b"name: {<<: {r: x}}\n", b"name: {<<: {r: [], name: []}, r: []}\n"])
+def test_merge_keys_are_located_at_their_mapping(tmp_path, document):
+    """Keys merged in by `<<:` have no place of their own in the file: errors point at the mapping instead."""
+    path = tmp_path / "merge.yaml"
+    path.write_bytes(document)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:1:" in str(info.value)

@@ -110,7 +110,12 @@ def _plain(node: Any, path: KeyPath, locs: dict[KeyPath, Loc], source: str) -> A
                 raise RecipeError([Problem(Loc(source, line + 1, col + 1), path_str(path),
                                            f"a key must be a plain name, not {describe(_plain_value(key))}",
                                            "write keys as plain names (key: value)")])
-            line, col = node.lc.key(key)
+            try:
+                place = node.lc.key(key)
+            except KeyError:
+                place = None
+            # a key merged in by `<<:` has no place of its own: the mapping's
+            line, col = place if place is not None else (node.lc.line, node.lc.col)
             locs[path + (str(key),)] = Loc(source, line + 1, col + 1)
             out[str(key)] = _plain(node[key], path + (str(key),), locs, source)
         return out
