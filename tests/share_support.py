@@ -95,12 +95,7 @@ def mlflow_server(folder: Path):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
@@ -153,3 +148,13 @@ def wandb_runs(folder: Path) -> dict[str, dict]:
                 found["artifacts"].append(record.artifact)
         runs[found["run"].display_name] = found
     return runs
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server the test started; kill it when it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

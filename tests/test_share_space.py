@@ -19,7 +19,7 @@ from importlib import metadata
 import pytest
 import yaml
 
-from share_support import SYSTEM_PROMPT, free_port, trained_run
+from share_support import SYSTEM_PROMPT, free_port, stop_process, trained_run
 from train_support import ROOT
 
 pytestmark = pytest.mark.slow  # a venv of ~140 packages (pip's cache) and a real Chainlit server
@@ -109,12 +109,7 @@ def test_the_space_builds_from_its_requirements_starts_and_answers(tmp_path):
         assert reply.strip()
         assert proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert "serving tiny-vet-q8_0.gguf" in log.read_text()
     # what the model saw: the run's own system prompt (from space.json), then the question
     seen = json.loads((tmp_path / "seen.jsonl").read_text().splitlines()[-1])["messages"]
