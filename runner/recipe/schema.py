@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from ..errors import Problem, RecipeError
 from .source import KeyPath, Located, load_located, path_str
@@ -163,6 +163,14 @@ class TrainConfig(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     keep: Literal["best", "last"] = "last"
+
+    @model_validator(mode="after")
+    def _eval_within_run(self) -> "TrainConfig":
+        """An eval_steps beyond max_steps means "evaluate at the end": the last step is always evaluated, so a
+        run shortened with `--set ...max_steps=6` keeps its evaluation without a second override."""
+        if self.eval_steps and self.max_steps and self.eval_steps > self.max_steps:
+            self.eval_steps = self.max_steps
+        return self
 
 
 class StageConfig(Strict):
@@ -530,10 +538,6 @@ def cross_checks(recipe: Recipe, located: Located) -> list[Problem]:
             add(("stages", i, "train", "max_steps") if both else ("stages", i, "train"),
                 "both max_steps and num_epochs are set" if both else "neither max_steps nor num_epochs is set",
                 "keep exactly one of max_steps and num_epochs")
-        if t.eval_steps and t.max_steps and t.eval_steps > t.max_steps:
-            add(("stages", i, "train", "eval_steps"),
-                f"eval_steps {t.eval_steps} is larger than max_steps {t.max_steps}: it would never evaluate",
-                f"use eval_steps <= {t.max_steps}")
         if isinstance(stage.data, list):
             problems += data_list_checks(recipe, i, located)
         if t.eval_steps and not any(item.val_size for item in stage.sources()):
