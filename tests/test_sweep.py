@@ -3,11 +3,12 @@ objective picks within the bounds; on the tiny two-stage recipe."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
 from runner.errors import RecipeError, TunebookError
-from runner.measure.sweep import Goal, choose, parse_goal
+from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value
 from runner.recipe import load_recipe
 from runner.recipe.grid import expand_grid, split_values, swept
 from runner.run_dir import RunDir
@@ -24,6 +25,19 @@ def test_grid_is_every_combination_and_keeps_commas_inside_values():
         expand_grid(["a=1,,2"])
     with pytest.raises(RecipeError, match="KEY.PATH=VALUE"):
         expand_grid(["no-equals"])
+
+
+def test_a_swept_data_section_reads_short_in_the_table_and_its_command_pastes_into_a_shell():
+    vet = '{"source": "data/vet_qa.jsonl", "format": "messages", "val_size": 0.1, "system_prompt": "Be careful, say so."}'
+    mixed = f'[{vet}, {{"stage": "general", "weight": 0.25}}]'
+    assert short_value(vet) == "vet_qa.jsonl"
+    assert short_value(mixed) == "vet_qa.jsonl + replay general 0.25"
+    assert short_value("3e-5") == "3e-5"
+    long = "x" * 60
+    assert short_value(long).endswith("…") and len(short_value(long)) == 40
+    sets = [f"stages.1.data={mixed}", "stages.1.train.learning_rate=1e-4"]
+    typed = shlex.split(set_options(sets))
+    assert typed == ["--set", sets[0], "--set", sets[1]]  # what the shell hands tunebook is the value as swept
 
 
 def test_objective_and_bounds_are_checked_before_anything_trains(tmp_path):

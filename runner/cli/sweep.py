@@ -27,7 +27,7 @@ def sweep(
     """Train every combination of the `--set KEY=V1,V2,...` values (a key with one value is set in all), reusing
     the stages variants share, then write the comparison (table, curves, forgetting per variant) and name the
     best variant by --objective within the --max bounds."""
-    from ..measure.sweep import parse_goal, trained_text, variant_record, write_sweep_report
+    from ..measure.sweep import parse_goal, set_options, trained_text, variant_record, write_sweep_report
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
     from ..recipe.grid import expand_grid, swept
@@ -54,7 +54,7 @@ def sweep(
     if chosen is None:
         out.print(f"no variant meets the bounds; comparison: {report}", highlight=False, soft_wrap=True)
         return
-    sets = " ".join(f"--set {e}" for e in records[chosen]["sets"])
+    sets = set_options(records[chosen]["sets"])
     out.print(f"chosen: variant {chosen + 1} ({goal.name} "
               f"{records[chosen]['stages'][goal.objective[0]]['metrics'][goal.objective[1]]:.4f}); comparison: {report}\n"
               f"export it: tunebook train {recipe_path} {sets}", highlight=False, soft_wrap=True)

@@ -4,8 +4,11 @@ the comparison (sweep.json, report.md and curves), rendered by eval/report.py.""
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from eval.report import StageRow, forgetting_table, markdown_table, plot_curves
 
@@ -113,6 +116,32 @@ def choose(variants: list[dict], goal: Goal) -> int | None:
     return pick(fits, key=lambda i: value(variants[i], *goal.objective))
 
 
+def set_options(sets: list[str]) -> str:
+    """`--set K=V ...` as a shell would need it typed: a JSON or YAML value keeps its spaces and quotes."""
+    return " ".join(f"--set {shlex.quote(e)}" for e in sets)
+
+
+def short_value(raw: str, width: int = 40) -> str:
+    """A swept value as a table cell: a data section reads `vet_qa.jsonl + replay general 0.25`, any other long
+    value is cut (the variant's section below the table has it whole)."""
+    if len(raw) <= width:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = None
+
+    def item(d: dict) -> str:
+        name = f"replay {d['stage']}" if "stage" in d else Path(str(d.get("source", "?"))).name
+        return name + (f" {d['weight']:g}" if isinstance(d.get("weight"), (int, float)) else "")
+
+    if isinstance(value, dict) and ("source" in value or "stage" in value):
+        return item(value)
+    if isinstance(value, list) and value and all(isinstance(d, dict) and ("source" in d or "stage" in d) for d in value):
+        return " + ".join(item(d) for d in value)
+    return raw[:width - 1] + "…"
+
+
 def _metric(variant: dict, column: str) -> str:
     stage, name = column.split(".", 1)
     value = variant["stages"][stage]["metrics"].get(name)
@@ -137,7 +166,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         values = dict(expr.partition("=")[::2] for expr in v["sets"])
         within = all((v["stages"][s]["metrics"].get(m) is not None and v["stages"][s]["metrics"][m] <= limit)
                      for s, m, limit in goal.bounds)
-        rows.append([str(i + 1)] + [values.get(k, "") for k in keys]
+        rows.append([str(i + 1)] + [short_value(values.get(k, "")) for k in keys]
                     + [f"{st['version'][:8]} ({trained_text(st)})" for st in v["stages"].values()]
                     + [_metric(v, c) for c in columns]
                     + ["yes" if within else "**no**", "**←**" if i == chosen else ""])
@@ -146,7 +175,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
     if chosen is None:
         verdict = f"No variant meets {bounds or 'the objective'}: none is chosen."
     else:
-        sets = " ".join(f"--set {e}" for e in variants[chosen]["sets"])
+        sets = set_options(variants[chosen]["sets"])
         value = variants[chosen]["stages"][goal.objective[0]]["metrics"][goal.objective[1]]
         verdict = (f"**Chosen: variant {chosen + 1}** (`{sets}`): {goal.name} {value:.4f}, the {direction} of "
                    f"{len(variants)} variants{' within ' + bounds if bounds else ''}. To export it and check it, "
@@ -163,7 +192,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
     for i, v in enumerate(variants):
         if v["forgetting"]:
             parts += [f"## Variant {i + 1}: forgetting matrix (validation perplexity)", "",
-                      "`" + " ".join(v["sets"]) + "`", "", forgetting_table(v["forgetting"]), ""]
+                      "`" + set_options(v["sets"]) + "`", "", forgetting_table(v["forgetting"]), ""]
     parts += [f"![{name.rsplit('.', 1)[0]}]({name})\n" for name in images]
     report = out / "report.md"
     atomic.write_text(out / "sweep.json", json.dumps({"recipe": str(recipe_path), "objective": goal.name,
