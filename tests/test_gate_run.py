@@ -10,6 +10,8 @@ import pytest
 from chat_support import tiny_gguf
 from eval.eval_set import EvalItem
 from eval.gate import answer_set
+from runner.export.gguf_table import read_table
+from runner.export.stage_gguf import stage_gguf
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
 from runner.run_dir import RunDir
@@ -85,3 +87,17 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
     train_recipe(load_recipe(recipe_file), log=logs.append)
     text = "\n".join(logs)
     assert "export is up to date" in text and "gate of served is up to date" not in text
+
+    # another exported type leaves the served one as it was: base and general are not measured again
+    recipe_file.write_text(recipe_file.read_text().replace("export: {quantization: q8_0}",
+                                                           "export: {quantization: [q8_0, q4_k_m]}"))
+    logs.clear()
+    train_recipe(load_recipe(recipe_file), log=logs.append)
+    assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("base", "general"))
+
+    # a llama.cpp type served: the base model is measured through a GGUF quantized by llama.cpp the same way
+    recipe_file.write_text(recipe_file.read_text().replace("[q8_0, q4_k_m]", "[q4_k_m, q8_0]"))
+    with stage_gguf(load_recipe(recipe_file), run, "base", log=lambda m: None) as gguf:
+        types = {t.qtype.name for t in read_table(gguf)[1]}
+        assert gguf.name == "base-q4_k_m.gguf" and types & {"Q4_K", "Q5_0", "Q6_K", "IQ4_NL"}
+    assert not list(run.gate_dir.glob("*.gguf*"))  # the quantizer's source and the file are gone

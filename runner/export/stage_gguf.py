@@ -11,8 +11,8 @@ from pathlib import Path
 from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir
-from .gguf_writer import write_gguf
 from .merge import merge_adapters
+from .to_gguf import export_quants, write_type
 
 BASE = "base"
 
@@ -32,17 +32,15 @@ def stage_adapters(recipe: Recipe, run: RunDir, model: str) -> tuple[list[Path],
 
 @contextmanager
 def stage_gguf(recipe: Recipe, run: RunDir, model: str, log=print) -> Iterator[Path]:
-    """Write the GGUF of the model after stage `model` (or `base`) in the export's quantization, yield its
-    path, and remove it (and its merged weights) afterwards."""
-    quant = recipe.export.quantization if recipe.export else "q8_0"
+    """Write the GGUF of the model after stage `model` (or `base`) in the served type (the export's first, with
+    its per-tensor precision), yield its path, and remove it (and its merged weights) afterwards."""
+    quant = export_quants(recipe)[0]
     adapters, tokenizer_from = stage_adapters(recipe, run, model)
     merged, out = run.gate_merged(model), run.gate_gguf(model, quant)
     try:
         merge_adapters(recipe, adapters, tokenizer_from, merged, log)
-        template = (merged / "chat_template.jinja").read_text() or None
         log(f"writing {out} ({quant}, only for the evaluation gate)")
-        write_gguf(merged, out, quant=quant, chat_template=template,
-                   metadata={"name": f"{recipe.name}-{model}", "base_model": recipe.model.base, "recipe": recipe.name})
+        write_type(recipe, merged, out, quant, out.with_name(out.name + ".quantize-source"), log)
         shutil.rmtree(merged, ignore_errors=True)
         yield out
     finally:

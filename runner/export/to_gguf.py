@@ -49,6 +49,30 @@ def export_quants(recipe) -> list[str]:
     return recipe.export.quants if recipe.export else ["q8_0"]
 
 
+def export_keep(recipe) -> dict:
+    """The recipe's per-tensor precision: {"embedding": type, "output": type} where set."""
+    return {role: t for role, t in (("embedding", recipe.export and recipe.export.embedding_type),
+                                    ("output", recipe.export and recipe.export.output_type)) if t}
+
+
+def write_type(recipe, merged: Path, out: Path, quant: str, source: Path, log=print) -> None:
+    """One GGUF of `merged` at `quant` as the export writes it: the writer's types directly, llama.cpp's through a
+    full-precision `source` file written beside it and deleted afterwards. Not verified."""
+    from .gguf_writer import QUANTS as WRITER_TYPES
+    from .gguf_writer import write_gguf
+
+    keep = export_keep(recipe)
+    if quant in WRITER_TYPES:
+        _write(recipe, merged, out, quant, keep, log)
+        return
+    try:
+        write_gguf(merged, source, quant=stored_dtype(merged),
+                   chat_template=(merged / "chat_template.jinja").read_text() or None, metadata=_metadata(recipe))
+        _quantize(recipe, source, out, quant, keep, log)
+    finally:
+        source.unlink(missing_ok=True)
+
+
 def export_types(run: RunDir | Path, quants: list[str] | None = None, verify: bool | None = None, log=print,
                  verify_level: str = "standard", force: bool = False) -> dict[str, Path]:
     """Merge, write each GGUF type and (by default) verify it: `verify_level` "standard" (every tensor exactly,
@@ -61,8 +85,7 @@ def export_types(run: RunDir | Path, quants: list[str] | None = None, verify: bo
         if quant not in QUANTS:
             raise TunebookError(f"--quant {quant}: unknown quantization\n    fix: use one of {', '.join(QUANTS)}")
     verify = (recipe.export.verify if recipe.export else True) if verify is None else verify
-    keep = {role: t for role, t in (("embedding", recipe.export and recipe.export.embedding_type),
-                                    ("output", recipe.export and recipe.export.output_type)) if t}
+    keep = export_keep(recipe)
     merged = merge_run(recipe, run, log)
     base_inputs = {"merged": run.made_from(merged), "template": content_identity(merged / "chat_template.jinja"),
                    "verified": verify_level if verify else None, **({"keep": keep} if keep else {})}
