@@ -469,10 +469,18 @@ class RunDir:
     @contextmanager
     def making(self, artifact: Path, inputs: dict):
         """Make an artifact: its old record is dropped first (a failure in between leaves it stale, never
-        wrongly fresh), the new one written after the body finished."""
-        self._write_record(self._key(artifact), None)
-        yield
-        self._write_record(self._key(artifact), _canonical(inputs))
+        wrongly fresh), the new one written after the body finished. A failure that never touched the artifact
+        gives the old record back: what was made before is still there and still what it was made from."""
+        key = self._key(artifact)
+        old, before = self._records().get(key), _file_state(artifact)
+        self._write_record(key, None)
+        try:
+            yield
+        except BaseException:
+            if old is not None and before is not None and _file_state(artifact) == before:
+                self._write_record(key, old)
+            raise
+        self._write_record(key, _canonical(inputs))
 
     def _write_record(self, key: str, inputs: dict | None) -> None:
         records = self._records()
@@ -483,6 +491,15 @@ class RunDir:
         else:
             records[key] = inputs
         atomic.write_text(self.ledger, json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed artifact apart: inode (atomic writes replace it), size, modification time."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _leftover(name: str) -> bool:

@@ -90,9 +90,16 @@ def test_freshness_rule(tmp_path):
     changed = {"after": {"general": "def"}, "val": {"general": "1"}}
     assert not run.fresh(artifact, changed) and run.stale_because(artifact, changed) == "changed: after"
 
-    # a failure while making leaves the artifact stale, never wrongly fresh
+    # a failure before the artifact was touched keeps it, fresh for what it was made from
     with pytest.raises(RuntimeError):
         with run.making(artifact, changed):
+            raise RuntimeError("failed before writing")
+    assert run.fresh(artifact, inputs) and not run.fresh(artifact, changed)
+
+    # a failure after it was (half) rewritten leaves it stale, never wrongly fresh
+    with pytest.raises(RuntimeError):
+        with run.making(artifact, changed):
+            artifact.write_text('{"half": ')
             raise RuntimeError("killed half way")
     assert not run.fresh(artifact, inputs) and not run.fresh(artifact, changed)
     assert run.stale_because(artifact, inputs) == "no record of what it was made from"
