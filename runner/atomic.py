@@ -1,12 +1,26 @@
 """Atomic writes: write under a temporary name in the same folder, then rename. A killed process never
-leaves a file or folder that looks whole."""
+leaves a file or folder that looks whole. The result gets the permissions a plain write would give (the
+process umask), not the owner-only ones of a temporary file, so a shared run directory stays readable."""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def write_text(path: Path, text: str) -> None:
@@ -18,6 +32,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -33,6 +48,7 @@ def atomic_dir(path: Path):
     """Yield a temporary folder; on success it replaces `path` whole, on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         old = None
