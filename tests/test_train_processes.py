@@ -97,6 +97,8 @@ def test_two_ranks_run_a_two_stage_recipe_with_export_to_the_end(tmp_path):
     assert (run / "ranks-q8_0.gguf").stat().st_size > 0 and (run / "report.md").is_file()
     assert done.stderr.count("verified: q8_0") == 1  # exported once, by the main process
     assert "Traceback" not in done.stderr
+    # one console: the second process repeats no line and does not say "done" while the first still works
+    assert done.stderr.count("stage general: init fresh") == 1 and done.stderr.count("done: 2 stage(s)") == 1
 
     again = launch_two_ranks(recipe, 29542)  # a rerun: nothing left to do, still a clean exit
     assert again.returncode == 0, again.stderr[-3000:]

@@ -21,7 +21,16 @@ def train(
     from ..recipe import load_recipe
     from ..run_dir import RunDir
 
+    from ..launch import is_local_main_process, is_main_process
+
     console = Console(stderr=True, soft_wrap=True)
     loaded = load_recipe(recipe, set_ or [])
-    outcomes = train_recipe(loaded, only_stage=stage, log=lambda msg: console.print(msg, highlight=False, markup=False))
-    console.print(f"[green]done[/green]: {len(outcomes)} stage(s) in {RunDir.of(loaded)}", highlight=False)
+    # under a launch, one console per machine: its first process speaks, the others would only repeat it
+    speaks = is_local_main_process()
+    outcomes = train_recipe(loaded, only_stage=stage,
+                            log=lambda msg: console.print(msg, highlight=False, markup=False) if speaks else None)
+    if is_main_process():
+        console.print(f"[green]done[/green]: {len(outcomes)} stage(s) in {RunDir.of(loaded)}", highlight=False)
+    elif speaks:
+        console.print("this machine's part is done: the first machine finishes the run (forgetting matrix, "
+                      "export, report)", highlight=False)
