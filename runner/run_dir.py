@@ -215,6 +215,10 @@ class RunDir:
         """A stage's model exported only to be measured by the gate; removed once measured."""
         return self.gate_dir / f"{model}-{quant}{GGUF_SUFFIX}"
 
+    def gate_quantize_source(self, model: str) -> Path:
+        """The full-precision GGUF llama.cpp quantizes that model from, when the served type is llama.cpp's."""
+        return self.gate_dir / f".{model}{GGUF_SUFFIX}.quantize-source"
+
     def gate_merged(self, model: str) -> Path:
         """Where that model is merged before its export; removed with it."""
         return self.gate_dir / f"{model}-merged"

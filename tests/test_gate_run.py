@@ -100,4 +100,4 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
     with stage_gguf(load_recipe(recipe_file), run, "base", log=lambda m: None) as gguf:
         types = {t.qtype.name for t in read_table(gguf)[1]}
         assert gguf.name == "base-q4_k_m.gguf" and types & {"Q4_K", "Q5_0", "Q6_K", "IQ4_NL"}
-    assert not list(run.gate_dir.glob("*.gguf*"))  # the quantizer's source and the file are gone
+    assert not list(run.gate_dir.glob("*.gguf")) and not run.gate_quantize_source("base").exists()  # both gone

@@ -17,11 +17,10 @@ def train(
     """Train the recipe's stages in order. Rerunning the same command resumes an interrupted run."""
     from rich.console import Console
 
+    from ..launch import is_local_main_process, is_main_process
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
     from ..run_dir import RunDir
-
-    from ..launch import is_local_main_process, is_main_process
 
     console = Console(stderr=True, soft_wrap=True)
     loaded = load_recipe(recipe, set_ or [])

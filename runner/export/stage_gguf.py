@@ -40,7 +40,7 @@ def stage_gguf(recipe: Recipe, run: RunDir, model: str, log=print) -> Iterator[P
     try:
         merge_adapters(recipe, adapters, tokenizer_from, merged, log)
         log(f"writing {out} ({quant}, only for the evaluation gate)")
-        write_type(recipe, merged, out, quant, out.with_name(out.name + ".quantize-source"), log)
+        write_type(recipe, merged, out, quant, run.gate_quantize_source(model), log)
         shutil.rmtree(merged, ignore_errors=True)
         yield out
     finally:

@@ -49,25 +49,17 @@ def export_quants(recipe) -> list[str]:
     return recipe.export.quants if recipe.export else ["q8_0"]
 
 
-def export_keep(recipe) -> dict:
-    """The recipe's per-tensor precision: {"embedding": type, "output": type} where set."""
-    return {role: t for role, t in (("embedding", recipe.export and recipe.export.embedding_type),
-                                    ("output", recipe.export and recipe.export.output_type)) if t}
-
-
 def write_type(recipe, merged: Path, out: Path, quant: str, source: Path, log=print) -> None:
     """One GGUF of `merged` at `quant` as the export writes it: the writer's types directly, llama.cpp's through a
     full-precision `source` file written beside it and deleted afterwards. Not verified."""
     from .gguf_writer import QUANTS as WRITER_TYPES
-    from .gguf_writer import write_gguf
 
-    keep = export_keep(recipe)
+    keep = recipe.export.keep if recipe.export else {}
     if quant in WRITER_TYPES:
         _write(recipe, merged, out, quant, keep, log)
         return
     try:
-        write_gguf(merged, source, quant=stored_dtype(merged),
-                   chat_template=(merged / "chat_template.jinja").read_text() or None, metadata=_metadata(recipe))
+        _write_source(recipe, merged, source, log)
         _quantize(recipe, source, out, quant, keep, log)
     finally:
         source.unlink(missing_ok=True)
@@ -85,7 +77,7 @@ def export_types(run: RunDir | Path, quants: list[str] | None = None, verify: bo
         if quant not in QUANTS:
             raise TunebookError(f"--quant {quant}: unknown quantization\n    fix: use one of {', '.join(QUANTS)}")
     verify = (recipe.export.verify if recipe.export else True) if verify is None else verify
-    keep = export_keep(recipe)
+    keep = recipe.export.keep if recipe.export else {}
     merged = merge_run(recipe, run, log)
     base_inputs = {"merged": run.made_from(merged), "template": content_identity(merged / "chat_template.jinja"),
                    "verified": verify_level if verify else None, **({"keep": keep} if keep else {})}
@@ -112,7 +104,7 @@ def export_types(run: RunDir | Path, quants: list[str] | None = None, verify: bo
                 if quant in WRITER_TYPES:
                     _write(recipe, merged, out, quant, keep, log)
                 else:
-                    source = source or _write_source(recipe, run, merged, log)
+                    source = source or _write_source(recipe, merged, run.quantize_source(recipe.name, stored_dtype(merged)), log)
                     _quantize(recipe, source, out, quant, keep, log)
                 if verify:
                     _verify(merged, out, quant, keep, verify_level, log)
@@ -136,12 +128,11 @@ def _write(recipe, merged: Path, out: Path, quant: str, keep: dict, log) -> None
                metadata=_metadata(recipe), keep=keep)
 
 
-def _write_source(recipe, run: RunDir, merged: Path, log) -> Path:
+def _write_source(recipe, merged: Path, source: Path, log) -> Path:
     """The merged model as a GGUF at the precision it is stored in (nothing rounded): what llama.cpp quantizes."""
     from .gguf_writer import write_gguf
 
     dtype = stored_dtype(merged)
-    source = run.quantize_source(recipe.name, dtype)
     log(f"writing the {dtype} GGUF llama.cpp's quantizer reads ({source.name}, deleted afterwards)")
     return write_gguf(merged, source, quant=dtype, chat_template=(merged / "chat_template.jinja").read_text() or None,
                       metadata=_metadata(recipe))

@@ -72,9 +72,8 @@ def stage_model_inputs(recipe: Recipe, run: RunDir, model: str) -> dict:
     outcome = stage.outcome()
     adapter = Path(outcome.adapter) if outcome and outcome.adapter else None
     export = recipe.export
-    keep = {"embedding": export.embedding_type, "output": export.output_type} if export else {}
     return {"base": recipe.model.base, "quant": export.quants[0] if export else "q8_0",
-            **({"keep": keep} if any(keep.values()) else {}),
+            **({"keep": export.keep} if export and export.keep else {}),
             "template": content_identity(adapter / "chat_template.jinja") if adapter else None,
             "after": None if model == BASE else [stage.identity(), file_identity(adapter) if adapter else None]}
 

@@ -244,6 +244,11 @@ class ExportConfig(Strict):
         """The types to export, the served one first."""
         return [self.quantization] if isinstance(self.quantization, str) else list(self.quantization)
 
+    @property
+    def keep(self) -> dict[str, str]:
+        """The per-tensor precision set: {"embedding": type, "output": type}, only the roles that are set."""
+        return {role: t for role, t in (("embedding", self.embedding_type), ("output", self.output_type)) if t}
+
 
 class EvalConfig(Strict):
     """The evaluation set the served model is measured on after the export (eval/gate.py): questions written
