@@ -49,7 +49,7 @@ RECIPE = ROOT / "recipes" / "quickstart.yaml"
 def shortened(steps: int, output_dir: Path, backend: str) -> list[str]:
     """The --set overrides of the quickstart run, the same for both backends but `backend`."""
     sets = [f"backend={backend}", f"output_dir={output_dir}", "stages.0.data.max_samples=600",
-            "stages.0.data.val_size=16", "export=null", "targets=null"]
+            "stages.0.data.val_size=16", "export=null", "eval=null", "targets=null"]
     for i in (0, 1):
         sets += [f"stages.{i}.train.max_steps={steps}", f"stages.{i}.train.eval_steps=null",
                  f"stages.{i}.train.save_steps=null", f"stages.{i}.train.logging_steps=1"]

@@ -51,3 +51,15 @@ def test_mfu(tt):
     assert tt.mfu(2e12, 2.0, 1000.0) == pytest.approx(1.0)              # 1 TFLOP/s against a 1000 GFLOP/s peak
     assert tt.mfu(1e11, 1.0, 200.0) == pytest.approx(0.5)
     assert tt.mfu(1e11, 0.0, 200.0) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["hf", "axolotl"])
+def test_backends_bench_overrides_make_a_valid_quickstart(backend, tmp_path):
+    """bench/backends.py shortens the quickstart with --set; the recipe's validation must accept what it gives."""
+    from bench.backends import RECIPE, shortened
+    from runner.recipe import load_recipe
+
+    sets = shortened(6, tmp_path, backend)
+    recipe = load_recipe(RECIPE, sets[1::2])
+    assert recipe.backend == backend and recipe.export is None
+    assert [s.train.max_steps for s in recipe.stages] == [6, 6]
