@@ -105,16 +105,22 @@ class Batcher:
     # ---- callers ---------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
-        if not request.tokens:
-            raise ValueError("empty prompt")
-        if len(request.tokens) >= self.n_ctx:
-            raise ValueError(f"prompt of {len(request.tokens)} tokens does not fit {self.n_ctx}")
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue several requests at once, in order: the decode thread sees all of them or none, so the steps
+        it runs (and so the replies, to the last bit) are the same every time the same requests come."""
+        for request in requests:
+            if not request.tokens:
+                raise ValueError("empty prompt")
+            if len(request.tokens) >= self.n_ctx:
+                raise ValueError(f"prompt of {len(request.tokens)} tokens does not fit {self.n_ctx}")
         with self._cv:
             if self._closing:
                 raise RuntimeError("the model is closed")
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._cv.notify()
-        return request
 
     def queue_position(self, request: Request) -> int | None:
         """How many requests wait ahead of this one; None once it has a sequence (or is done)."""

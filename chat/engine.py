@@ -481,6 +481,21 @@ class ChatEngine:
             raise ChatError(str(e)) from e
         return Generation(self, prompt, request, self.stop + [s for s in sampling.stop if s], stop_event)
 
+    def start_all(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Generation]:
+        """Queue several replies at once (see `Batcher.submit_all`): up to `parallel` of them are decoded
+        together, and the same prompts give the same replies on every call (evaluations)."""
+        sampling = sampling or CHAT_SAMPLING
+        requests = [Request(tokens=list(p.tokens), sampler=self.sampler(sampling),
+                            max_tokens=max(1, min(int(sampling.max_tokens), p.max_tokens))) for p in prompts]
+        try:
+            self.batcher.submit_all(requests)
+        except (ValueError, RuntimeError) as e:
+            for request in requests:
+                request.sampler.close()
+            raise ChatError(str(e)) from e
+        stops = self.stop + [s for s in sampling.stop if s]
+        return [Generation(self, p, r, stops, None) for p, r in zip(prompts, requests)]
+
     def stream(
         self,
         prompt: Prompt | list[dict],

@@ -36,6 +36,33 @@ def test_answers_through_the_chat_engine_catch_a_missing_referral():
     assert [a["answer"] for a in chat[0]["answers"]] == [a["answer"] for a in chat[1]["answers"]]  # fixed seed
 
 
+def test_answers_decoded_together_are_those_of_one_at_a_time_and_repeat(monkeypatch):
+    """The gate decodes its questions together (eval.gate.PARALLEL): each answer is the one a lone user gets,
+    and a second run gives the same answers to the last token, with the chat's sampler too."""
+    from chat.batcher import Batcher
+    from eval.generation import generate
+
+    largest = []
+    close = Batcher.close
+    monkeypatch.setattr(Batcher, "close", lambda self: (largest.append(self.largest_batch), close(self))[1])
+
+    gguf = tiny_gguf("gemma")
+    questions = [QUESTION, "Is my cat too thin?", "Why does my dog itch?", "Can rabbits eat grapes?", "Hello",
+                 "What is in a first-aid kit for pets?"]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    alone = generate(gguf, conversations, max_tokens=24, log=lambda m: None)
+    together = [generate(gguf, conversations, max_tokens=24, log=lambda m: None, parallel=4) for _ in range(2)]
+    assert alone[0]["answer"] == REPLY
+    assert largest == [1, 4, 4]  # one at a time, then four replies in one decode step
+    for run in together:
+        assert [(r["answer"], r["stopped"], r["tokens"]) for r in run] == \
+            [(r["answer"], r["stopped"], r["tokens"]) for r in alone]
+    chat = [answer_set(gguf, [ITEM] * 5, None, "chat", seed=3, max_tokens=24, log=lambda m: None, parallel=p)
+            for p in (1, 4, 4)]
+    assert [a["answer"] for a in chat[0]["answers"]] == [a["answer"] for a in chat[1]["answers"]] \
+        == [a["answer"] for a in chat[2]["answers"]]
+
+
 EVAL = [{"id": f"q{i}", "question": q, "reference": "Give fresh water and call your vet if it goes on.",
          "refer": True, "warn": i == 0, "forbid": ["wait and see"]}
         for i, q in enumerate(["My dog ate grapes, what now?", "Is my cat too thin?", "Why does my dog itch?"])]
