@@ -483,7 +483,8 @@ class ChatEngine:
 
     def start_all(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Generation]:
         """Queue several replies at once (see `Batcher.submit_all`): up to `parallel` of them are decoded
-        together, and the same prompts give the same replies on every call (evaluations)."""
+        together, and the same prompts give the same replies on every call (evaluations), as long as replies end
+        on tokens (a stop string is seen only when the reply is read)."""
         sampling = sampling or CHAT_SAMPLING
         requests = [Request(tokens=list(p.tokens), sampler=self.sampler(sampling),
                             max_tokens=max(1, min(int(sampling.max_tokens), p.max_tokens))) for p in prompts]

@@ -51,9 +51,9 @@ def generate(gguf: Path, conversations: list[list[dict]], sampling=None, max_tok
     of a log line every ten).
 
     `parallel` 1 answers one at a time, as a lone user gets it: the timings are a user's. More decodes that
-    many answers together, as the chat does for users who write at the same time: several times the
-    throughput for answers that are the same on every call (all are queued at once), but whose timings are
-    shared and so not a lone user's."""
+    many answers together, as the chat does for users who write at the same time: more throughput, the same
+    answers on every call (all are queued at once), but timings that are shared, and answers that can differ
+    from a lone user's where two tokens are nearly tied (eval.gate.PARALLEL)."""
     from chat.engine import ChatEngine, Sampling
 
     engine = ChatEngine(gguf, n_ctx=1024, parallel=max(1, min(parallel, len(conversations) or 1)))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from eval.answer_checks import rules_identity
 from eval.eval_set import EvalItem, EvalSetError, eval_set_digest, read_eval_set
-from eval.gate import MODES, answer_set, reference_perplexity, sampling_for
+from eval.gate import MODES, PARALLEL, answer_set, reference_perplexity, sampling_for
 
 from .. import atomic
 from ..data.templates import resolve_chat_template
@@ -62,7 +62,7 @@ def gate_models(recipe: Recipe) -> list[str]:
 def _common_inputs(recipe: Recipe, items: list[EvalItem], system_prompt: str | None, modes: tuple[str, ...]) -> dict:
     return {"eval_set": eval_set_digest(items), "system_prompt": system_prompt, "max_tokens": recipe.eval.max_tokens,
             "sampling": {mode: vars(sampling_for(mode, recipe.eval.seed)) for mode in modes},
-            "rules": rules_identity()}
+            "parallel": PARALLEL, "rules": rules_identity()}
 
 
 def stage_model_inputs(recipe: Recipe, run: RunDir, model: str) -> dict:
