@@ -470,24 +470,19 @@ class ChatEngine:
         sampling = sampling or CHAT_SAMPLING
         if not isinstance(prompt, Prompt):
             prompt = self.prepare(prompt, sampling.max_tokens)
-        max_tokens = max(1, min(int(sampling.max_tokens), prompt.max_tokens))
-        request = Request(tokens=list(prompt.tokens), sampler=self.sampler(sampling), max_tokens=max_tokens)
-        if stop_event is not None and stop_event.is_set():
-            request.cancel()
-        try:
-            self.batcher.submit(request)
-        except (ValueError, RuntimeError) as e:
-            request.sampler.close()
-            raise ChatError(str(e)) from e
-        return Generation(self, prompt, request, self.stop + [s for s in sampling.stop if s], stop_event)
+        return self.start_all([prompt], sampling, stop_event)[0]
 
-    def start_all(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Generation]:
+    def start_all(self, prompts: list[Prompt], sampling: Sampling | None = None,
+                  stop_event: threading.Event | None = None) -> list[Generation]:
         """Queue several replies at once (see `Batcher.submit_all`): up to `parallel` of them are decoded
         together, and the same prompts give the same replies on every call (evaluations), as long as replies end
         on tokens (a stop string is seen only when the reply is read)."""
         sampling = sampling or CHAT_SAMPLING
         requests = [Request(tokens=list(p.tokens), sampler=self.sampler(sampling),
                             max_tokens=max(1, min(int(sampling.max_tokens), p.max_tokens))) for p in prompts]
+        if stop_event is not None and stop_event.is_set():
+            for request in requests:
+                request.cancel()
         try:
             self.batcher.submit_all(requests)
         except (ValueError, RuntimeError) as e:
@@ -495,7 +490,7 @@ class ChatEngine:
                 request.sampler.close()
             raise ChatError(str(e)) from e
         stops = self.stop + [s for s in sampling.stop if s]
-        return [Generation(self, p, r, stops, None) for p, r in zip(prompts, requests)]
+        return [Generation(self, p, r, stops, stop_event) for p, r in zip(prompts, requests)]
 
     def stream(
         self,
