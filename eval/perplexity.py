@@ -141,18 +141,28 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096
     return float(total), n_tokens
 
 
+def scored_positions(labels: Sequence[int]) -> np.ndarray:
+    """The positions whose logits are scored: row t predicts labels[t + 1]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.nonzero(labels[1:] != IGNORE_INDEX)[0]
+
+
+def numpy_rows_nll(rows: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of `targets` under logits `rows` (one row each), in float64. torch's
+    logsumexp runs on every core (numpy's exp on one), and a 262k-token vocabulary makes this the GGUF
+    path's largest cost after the model itself."""
+    if len(targets) == 0:
+        return 0.0, 0
+    rows = torch.from_numpy(np.ascontiguousarray(rows)).to(torch.float64)
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    nll = torch.logsumexp(rows, dim=1) - rows[torch.arange(len(targets)), targets]
+    return float(nll.sum()), int(len(targets))
+
+
 def numpy_token_nll(logits: np.ndarray, labels: Sequence[int]) -> tuple[float, int]:
     """The same as token_nll for one unbatched sequence, in numpy float64 (the GGUF path)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    positions = np.nonzero(labels[1:] != IGNORE_INDEX)[0]  # logits row t predicts labels[t + 1]
-    if positions.size == 0:
-        return 0.0, 0
-    rows = logits[positions].astype(np.float64)
-    targets = labels[positions + 1]
-    peak = rows.max(axis=1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
-    nll = log_z - rows[np.arange(positions.size), targets]
-    return float(nll.sum()), int(positions.size)
+    positions = scored_positions(labels)
+    return numpy_rows_nll(logits[positions], np.asarray(labels, dtype=np.int64)[positions + 1])
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -404,11 +414,11 @@ def evaluate_gguf(
     """Perplexity of a GGUF model on the same token ids and scored positions as evaluate_torch.
 
     Nothing is re-tokenized: each row's ids are evaluated from an empty context (the model is reset
-    between rows) and the returned logits are log-softmaxed in numpy float64. ``max_length`` and
-    ``policy`` mean what they mean for evaluate_torch; ``max_length`` defaults to ``n_ctx`` when
-    that is given, and ``n_ctx`` defaults to the longest row. The model runs as the chat app runs it,
-    with llama.cpp's default F16 KV cache: on the tiny test model that alone moves an F32 GGUF's
-    logits by ~4e-4 relative (an F32 cache brings them within ~4e-6 of torch).
+    between rows); llama.cpp returns logits only at the scored positions, and they are log-softmaxed in
+    float64. ``max_length`` and ``policy`` mean what they mean for evaluate_torch; ``max_length`` defaults
+    to ``n_ctx`` when that is given, and ``n_ctx`` defaults to the longest row. The model runs as the chat
+    app runs it, with llama.cpp's default F16 KV cache: on the tiny test model that alone moves an F32
+    GGUF's logits by ~4e-4 relative (an F32 cache brings them within ~4e-6 of torch).
     """
     open_llama = _import_llama()
     if max_length is None:
@@ -423,7 +433,6 @@ def evaluate_gguf(
         n_ctx = max((len(r["input_ids"]) for r in rows), default=1)
     llm = open_llama(
         gguf_path,
-        logits_all=True,
         n_ctx=n_ctx,
         n_threads=n_threads,
         n_threads_batch=n_threads,  # prompt evaluation is all this does; None keeps llama.cpp's default
@@ -438,11 +447,45 @@ def evaluate_gguf(
                 bad = [t for t in ids if not 0 <= t < n_vocab]
                 if bad:
                     raise ValueError(f"token id {bad[0]} is outside the GGUF vocabulary ({n_vocab})")
-                llm.reset()
-                llm.eval(ids)
-                logits = llm.scores[: len(ids)]
-                acc.add(*numpy_token_nll(logits, row["labels"]))
+                positions = scored_positions(row["labels"])
+                logits = _scored_logits(llm, ids, positions, n_vocab)
+                acc.add(*numpy_rows_nll(logits, np.asarray(row["labels"], dtype=np.int64)[positions + 1]))
                 bar.advance(task)
     finally:
         llm.close()
     return acc.result(seconds=time.perf_counter() - start)
+
+
+def _scored_logits(llm, ids: list[int], positions: np.ndarray, n_vocab: int) -> np.ndarray:
+    """The logits of `ids` at `positions` only, from an empty context. llama.cpp runs the output head just for
+    the positions a batch flags, and with a 262k-token vocabulary that head costs more than the rest of a small
+    model: a prompt's unscored tokens (system prompt, question) go through the layers alone."""
+    import llama_cpp
+
+    ctx = llm.ctx
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    wanted = np.zeros(len(ids), dtype=bool)
+    wanted[positions] = True
+    out = np.empty((len(positions), n_vocab), dtype=np.float32)
+    n_batch = llm.n_batch
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    try:
+        row = 0
+        for begin in range(0, len(ids), n_batch):
+            chunk = ids[begin:begin + n_batch]
+            batch.n_tokens = len(chunk)
+            for j, token in enumerate(chunk):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, begin + j, 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = bool(wanted[begin + j])
+            if not wanted[begin:begin + len(chunk)].any():  # llama.cpp wants an output: the chunk's last
+                batch.logits[len(chunk) - 1] = True
+            code = llama_cpp.llama_decode(ctx, batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+            for j in np.nonzero(wanted[begin:begin + len(chunk)])[0]:
+                out[row] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, int(j)), shape=(n_vocab,))
+                row += 1
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    return out

@@ -113,3 +113,31 @@ def test_gguf_sliding_window_matches_torch(merged_dir, examples, tmp_path):
     gguf_result = evaluate_gguf(gguf_path, examples, n_threads=1, **kwargs)
     assert gguf_result.tokens == torch_result.tokens
     assert abs(gguf_result.ppl - torch_result.ppl) / torch_result.ppl < 1e-3
+
+
+def test_scored_logits_are_the_full_pass_logits(merged_dir, examples, tmp_path):
+    """The GGUF path asks llama.cpp for logits only where a label is scored: they are the logits a pass over
+    every position gives there, across batch boundaries (4 tokens a batch here) and for a batch with none."""
+    import numpy as np
+
+    from chat.llama_runtime import open_llama
+    from eval.perplexity import _scored_logits, scored_positions
+
+    model_dir, _, _ = merged_dir
+    gguf_path = runner_gguf.write_gguf(model_dir, tmp_path / "tiny-f32.gguf", "f32")
+    common = dict(n_ctx=64, n_batch=4, n_ubatch=4, n_threads=1, n_threads_batch=1, verbose=False)
+    full = open_llama(gguf_path, logits_all=True, **common)
+    part = open_llama(gguf_path, **common)
+    try:
+        for ex in examples:
+            ids = ex["input_ids"]
+            positions = scored_positions(ex["labels"])
+            full.reset()
+            full.eval(ids)
+            expected = full.scores[: len(ids)][positions]
+            got = _scored_logits(part, ids, positions, part.n_vocab())
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    finally:
+        full.close()
+        part.close()
