@@ -147,7 +147,7 @@ def scored_positions(labels: Sequence[int]) -> np.ndarray:
     return np.nonzero(labels[1:] != IGNORE_INDEX)[0]
 
 
-def numpy_rows_nll(rows: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+def rows_nll(rows: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
     """Summed negative log-likelihood of `targets` under logits `rows` (one row each), in float64. torch's
     logsumexp runs on every core (numpy's exp on one), and a 262k-token vocabulary makes this the GGUF
     path's largest cost after the model itself."""
@@ -160,9 +160,9 @@ def numpy_rows_nll(rows: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
 
 
 def numpy_token_nll(logits: np.ndarray, labels: Sequence[int]) -> tuple[float, int]:
-    """The same as token_nll for one unbatched sequence, in numpy float64 (the GGUF path)."""
+    """The same as token_nll for one unbatched sequence of numpy logits, in float64 (the GGUF path)."""
     positions = scored_positions(labels)
-    return numpy_rows_nll(logits[positions], np.asarray(labels, dtype=np.int64)[positions + 1])
+    return rows_nll(logits[positions], np.asarray(labels, dtype=np.int64)[positions + 1])
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -449,7 +449,7 @@ def evaluate_gguf(
                     raise ValueError(f"token id {bad[0]} is outside the GGUF vocabulary ({n_vocab})")
                 positions = scored_positions(row["labels"])
                 logits = _scored_logits(llm, ids, positions, n_vocab)
-                acc.add(*numpy_rows_nll(logits, np.asarray(row["labels"], dtype=np.int64)[positions + 1]))
+                acc.add(*rows_nll(logits, np.asarray(row["labels"], dtype=np.int64)[positions + 1]))
                 bar.advance(task)
     finally:
         llm.close()
