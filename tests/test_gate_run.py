@@ -1,6 +1,7 @@
 """The evaluation gate for real: a GGUF answers through the chat engine (llama.cpp), greedy and with the chat's
 sampler at a fixed seed, and a run measures its served model, its base and its first stage, writes the gate
-into report.md, and redoes none of it on a rerun."""
+into report.md, and redoes none of it on a rerun; another run on the same base reads the base's answers kept on
+the machine."""
 from __future__ import annotations
 
 import json
@@ -70,7 +71,8 @@ EVAL = [{"id": f"q{i}", "question": q, "reference": "Give fresh water and call y
 
 
 @pytest.mark.slow
-def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
+def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEBOOK_CACHE", str(tmp_path / "cache"))
     recipe_file = two_stage_recipe(tmp_path, name="gated")
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))
     with recipe_file.open("a") as f:
@@ -129,3 +131,15 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path):
         types = {t.qtype.name for t in read_table(gguf)[1]}
         assert gguf.name == "base-q4_k_m.gguf" and types & {"Q4_K", "Q5_0", "Q6_K", "IQ4_NL"}
     assert not list(run.gate_dir.glob("*.gguf")) and not run.gate_quantize_source("base").exists()  # both gone
+
+    # another run on the same base, set and settings reads the base model's answers kept on this machine
+    twin = recipe_file.with_name("twin.yaml")
+    twin.write_text(recipe_file.read_text().replace("name: gated", "name: gated-twin")
+                    .replace("[q4_k_m, q8_0]", "q8_0"))  # served as the first run's base gate was measured
+    logs.clear()
+    train_recipe(load_recipe(twin), log=logs.append)
+    twin_run = RunDir.of(load_recipe(twin))
+    assert "gate of base: the same measurement was made on this machine before" in "\n".join(logs)
+    assert "gate of general is up to date" not in "\n".join(logs)  # its own stage: measured
+    assert json.loads(twin_run.gate_file("base").read_text()) == json.loads(run.gate_file("base").read_text())
+    assert twin_run.made_from(twin_run.gate_file("base")) == run.made_from(run.gate_file("base"))

@@ -6,7 +6,8 @@ answers' perplexity is measured with each model too.
 One file per model under runs/<name>/gate/ (runner/run_dir.py), each made again exactly when what it was
 made from changed: the model, the evaluation set, the system prompt, the answering settings or the rules that
 grade the answers. The models of earlier stages are exported only for this (runner/export/stage_gguf.py,
-handed in by the pipeline as `stage_model`) and only when their file is not up to date."""
+handed in by the pipeline as `stage_model`) and only when their file is not up to date. The base model's
+answers are also kept once per machine (runner/measure/gate_cache.py): a new run on the same base reads them."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ from ..data.tokenize import tokenize_conversations
 from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir, content_identity, file_identity
+from . import gate_cache
 
 SERVED = "served"
 BASE = "base"
@@ -108,6 +110,14 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
             log(f"gate of {model} is up to date ({target})")
             results[model] = json.loads(target.read_text())
             continue
+        kept = gate_cache.cache_file(recipe, inputs) if model == BASE else None
+        cached = gate_cache.read(kept)
+        if cached is not None:
+            log(f"gate of {model}: the same measurement was made on this machine before, reading it ({kept})")
+            with run.making(target, inputs):
+                atomic.write_text(target, json.dumps(cached, indent=2) + "\n")
+            results[model] = cached
+            continue
         samples = samples if samples is not None else reference_samples(recipe, items, tokenizer, system_prompt)
         start = time.perf_counter()
         label = {SERVED: "the served GGUF", BASE: "the base model"}.get(model, f"the model after {model}")
@@ -119,6 +129,7 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
                     result = measure_model(gguf, items, samples, recipe, system_prompt, modes, label, log)
             result["seconds"] = round(time.perf_counter() - start, 1)
             atomic.write_text(target, json.dumps(result, indent=2) + "\n")
+        gate_cache.keep(kept, result)
         results[model] = result
     return results
 
