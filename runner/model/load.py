@@ -33,6 +33,15 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
 
 
+def float32_note(cfg: ModelConfig) -> str:
+    """Why `dtype: auto` trains in float32 here, when it does: a user who sees a long ETA learns that the CPU sets
+    it, and that numbers measured on a CPU with bf16 are not reproduced exactly."""
+    if cfg.dtype != "auto" or torch.cuda.is_available() or cpu_has_bf16():
+        return ""
+    return ("this CPU has neither AVX512-BF16 nor AMX-BF16, so training runs in float32: several times slower than "
+            "on a CPU with them, and not the same model as theirs: bf16 and float32 round differently (README, Quickstart)")
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,7 +9,7 @@ import gc
 from pathlib import Path
 
 from ..data.pack import make_collator, pack_examples
-from ..model.load import build_stage_model, load_base, resolve_dtype, trainable_token_ids
+from ..model.load import build_stage_model, float32_note, load_base, resolve_dtype, trainable_token_ids
 from ..recipe import Recipe
 from ..run_dir import StageOutcome
 from .protocol import StageJob
@@ -30,6 +30,8 @@ class HfBackend:
         bf16 = str(dtype).endswith("bfloat16") if t.bf16 == "auto" else bool(t.bf16)
         log(f"stage {stage.name}: init {stage.init}, base {recipe.model.base}, dtype {str(dtype).split('.')[-1]}"
             f"{' + bf16 autocast' if bf16 else ''}")
+        if note := float32_note(recipe.model):
+            log(f"stage {stage.name}: {note}")
         set_seed(recipe.seed)  # the new adapter's initial weights are part of the experiment
         base = load_base(job.model_ref, recipe.model, dtype)
         model = build_stage_model(
