@@ -10,7 +10,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from chat.engine import DEFAULT_PARALLEL, ChatEngine, ChatError, check_gguf
+from chat.engine import DEFAULT_PARALLEL, ChatEngine, ChatError, chat_defaults, check_gguf
 from chat.serve import check_port
 
 ENV_API_KEY = "TUNEBOOK_API_KEY"
@@ -47,8 +47,10 @@ def serve_api(
     n_ctx: int = 2048,
     n_threads: int | None = None,
     on_ready=None,
+    sampling: dict | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C, SIGTERM). Bad model, busy port or a missing key: ChatError at once."""
+    """Serve until interrupted (Ctrl-C, SIGTERM). Bad model, busy port or a missing key: ChatError at once.
+    `sampling`: the run's `chat:` settings, the defaults of a request that does not set them."""
     import uvicorn
 
     from chat.openai_api import Server, create_app
@@ -58,7 +60,7 @@ def serve_api(
     check_port(host, port)
     engine = ChatEngine(gguf_path, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel)
     try:
-        server = Server(engine, model_id or Path(gguf_path).stem, system_prompt, key)
+        server = Server(engine, model_id or Path(gguf_path).stem, system_prompt, key, chat_defaults(sampling))
         config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
                                 access_log=False, lifespan="off")
         if on_ready:

@@ -25,13 +25,15 @@ import chainlit as cl  # noqa: E402
 from chainlit.config import config as chainlit_config  # noqa: E402
 from chainlit.input_widget import Slider  # noqa: E402
 
-from chat.engine import CHAT_SAMPLING, DEFAULT_PARALLEL, ChatEngine, ChatError, Prompt, Sampling  # noqa: E402
+from chat.engine import (  # noqa: E402
+    CHAT_SAMPLING, DEFAULT_PARALLEL, ChatEngine, ChatError, Prompt, Sampling, chat_defaults)
 from chat.serve import (  # noqa: E402
     ENV_DEBUG_LOG,
     ENV_MAX_TOKENS,
     ENV_MODEL,
     ENV_N_CTX,
     ENV_PARALLEL,
+    ENV_SAMPLING,
     ENV_SYSTEM_PROMPT,
     ENV_THREADS,
     ENV_TITLE,
@@ -55,7 +57,18 @@ STARTERS = [
     ("Puppy vaccines", "What vaccinations does a new puppy need, and when?"),
 ]
 
-DEFAULT_SAMPLING = replace(CHAT_SAMPLING, max_tokens=int(os.environ.get(ENV_MAX_TOKENS, CHAT_SAMPLING.max_tokens)))
+
+def _run_settings() -> dict:
+    """The run's `chat:` settings, as `tunebook chat` passes them (JSON); anything unreadable is ignored."""
+    try:
+        settings = json.loads(os.environ.get(ENV_SAMPLING) or "{}")
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+DEFAULT_SAMPLING = chat_defaults(_run_settings(),
+                                 max_tokens=int(os.environ.get(ENV_MAX_TOKENS, CHAT_SAMPLING.max_tokens)))
 
 # What a reply shows before its first word (a status, replaced by the reply when it starts).
 READING = "_Reading your message…_"

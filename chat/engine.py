@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chat import llama_runtime
@@ -98,9 +98,18 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
 
 
-# The sampler the web chat answers with unless a user moves its sliders (chat/app.py). The evaluation gate
-# measures the served model with it too, so what report.md says is what a chat user meets.
+# The sampler the web chat answers with unless a user moves its sliders (chat/app.py) or the run's recipe sets
+# `chat:` (chat_defaults). The evaluation gate measures the served model with the same, so what report.md says
+# is what a chat user meets.
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, top_k=40, repeat_penalty=1.1, max_tokens=256)
+# What a recipe's `chat:` section may set over it (runner/recipe/schema.py ChatConfig).
+CHAT_SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
+def chat_defaults(settings: dict | None = None, **more) -> Sampling:
+    """CHAT_SAMPLING with a run's `chat:` settings over it (other keys are ignored: they are read from a file
+    or the environment), and `more` over both."""
+    return replace(CHAT_SAMPLING, **{**{k: v for k, v in (settings or {}).items() if k in CHAT_SETTINGS}, **more})
 
 
 @dataclass

@@ -9,6 +9,7 @@ reach the app through the environment variables below. This module does not impo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ ENV_N_CTX = "TUNEBOOK_CHAT_N_CTX"  # context window (tokens)
 ENV_MAX_TOKENS = "TUNEBOOK_CHAT_MAX_TOKENS"  # default reply length (tokens)
 ENV_THREADS = "TUNEBOOK_CHAT_THREADS"  # llama.cpp threads (default: all cores this process may use)
 ENV_PARALLEL = "TUNEBOOK_CHAT_PARALLEL"  # conversations decoded together (default: chat/engine.py DEFAULT_PARALLEL)
+ENV_SAMPLING = "TUNEBOOK_CHAT_SAMPLING"  # JSON: the run's `chat:` settings over chat/engine.py CHAT_SAMPLING
 ENV_DEBUG_LOG = "TUNEBOOK_CHAT_DEBUG_LOG"  # tests: a JSONL file recording what each generation saw
 
 # Inherited variables that would make Chainlit talk to the outside (a data layer, OAuth, Literal AI)
@@ -163,9 +165,12 @@ def serve(
     title: str | None = None,
     headless: bool = True,
     parallel: int | None = None,
+    sampling: dict | None = None,
 ) -> None:
-    """Serve the chat app until interrupted (Ctrl-C, SIGTERM). Bad model file or busy port: ChatError at once."""
-    proc = start_server(gguf_path, host, port, system_prompt, title, headless, parallel=parallel)
+    """Serve the chat app until interrupted (Ctrl-C, SIGTERM). Bad model file or busy port: ChatError at once.
+    `sampling`: the run's `chat:` settings, the chat's defaults for every user."""
+    env = {ENV_SAMPLING: json.dumps(sampling)} if sampling else None
+    proc = start_server(gguf_path, host, port, system_prompt, title, headless, env=env, parallel=parallel)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         # Killed politely, take the server down too rather than leave it holding the port.

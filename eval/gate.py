@@ -2,8 +2,8 @@
 the chat's own engine, and every answer is checked (eval/answer_checks.py). Two ways of answering:
 
 - `greedy`: temperature 0 and no repeat penalty, the model's own most likely answer;
-- `chat`: the sampler the web chat uses by default (chat.engine.CHAT_SAMPLING) at a fixed seed, so the
-  numbers are what a chat user meets, reproducibly.
+- `chat`: the sampler the web chat uses by default (chat.engine.CHAT_SAMPLING, with the recipe's `chat:`
+  settings over it) at a fixed seed, so the numbers are what a chat user meets, reproducibly.
 
 `summarize` turns the graded answers into the gate's numbers: stop rate, referral rate where a referral is
 expected, warning rate where a warning is expected, answers with a forbidden phrase, system-prompt echoes,
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-from chat.engine import CHAT_SAMPLING, Sampling
+from chat.engine import Sampling, chat_defaults
 
 from eval.answer_checks import grade
 from eval.eval_set import EvalItem
@@ -30,11 +30,12 @@ MODES = ("greedy", "chat")
 PARALLEL = 8
 
 
-def sampling_for(mode: str, seed: int) -> Sampling:
+def sampling_for(mode: str, seed: int, chat: dict | None = None) -> Sampling:
+    """`chat`: the recipe's own chat settings (`chat:`), over the web chat's defaults."""
     if mode == "greedy":
         return Sampling(temperature=0.0, repeat_penalty=1.0, seed=seed)
     if mode == "chat":
-        return replace(CHAT_SAMPLING, seed=seed)
+        return chat_defaults(chat, seed=seed)
     raise ValueError(f"unknown answering mode {mode!r}: use one of {', '.join(MODES)}")
 
 
@@ -76,9 +77,10 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def answer_set(gguf: Path, items: list[EvalItem], system_prompt: str | None, mode: str, seed: int = 0,
-               max_tokens: int = MAX_TOKENS, log=print, parallel: int = PARALLEL) -> dict:
-    """Every question of the set answered by the GGUF one way (`greedy` or `chat`), graded and summarized."""
-    sampling = sampling_for(mode, seed)
+               max_tokens: int = MAX_TOKENS, log=print, parallel: int = PARALLEL, chat: dict | None = None) -> dict:
+    """Every question of the set answered by the GGUF one way (`greedy` or `chat`, with the recipe's `chat`
+    settings), graded and summarized."""
+    sampling = sampling_for(mode, seed, chat)
     answers = generate(gguf, [item.conversation(system_prompt) for item in items], sampling, max_tokens, log=log,
                        what=f"evaluation questions ({mode})", parallel=parallel)
     rows = grade_answers(items, answers, system_prompt)

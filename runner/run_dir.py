@@ -428,6 +428,11 @@ class RunDir:
         prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
         return prompts[-1] if prompts else None
 
+    def chat_sampling(self) -> dict:
+        """The recipe's `chat:` settings that are set: `tunebook chat` and `serve` start with them."""
+        chat = (self._resolved() or {}).get("chat")
+        return {k: v for k, v in chat.items() if v is not None} if isinstance(chat, dict) else {}
+
     def _resolved(self) -> dict | None:
         """recipe.resolved.yaml as plain data (no validation: chat reads it without the schema)."""
         from ruamel.yaml import YAML, YAMLError

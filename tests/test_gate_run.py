@@ -110,6 +110,16 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("served", "base", "general"))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # the chat's settings changed (`chat:`): the stages and the export are kept, and only the served model answers
+    # again, its chat answers drawn with them
+    logs.clear()
+    train_recipe(load_recipe(recipe_file, ["chat.temperature=0.3"]), log=logs.append)
+    text = "\n".join(logs)
+    assert "stage general: reuse" in text and "stage vet: reuse" in text, text
+    assert "export is up to date" in text and "gate of served is up to date" not in text
+    assert all(f"gate of {m} is up to date" in text for m in ("base", "general"))
+    assert json.loads(run.gate_file("served").read_text())["chat"]["sampling"]["temperature"] == 0.3
+
     # a changed evaluation set is answered again; the export is kept
     EVAL[1]["forbid"] = ["too thin"]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))

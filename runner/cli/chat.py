@@ -37,6 +37,7 @@ def chat(
                                 f"    fix: pass the run directory ({target.parent}) with --quant, or the file alone")
         gguf = check_gguf(target if target.is_file() else run.find_gguf(quant))
         Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
-        serve(gguf, host=host, port=port, system_prompt=run.system_prompt(), parallel=parallel)
+        serve(gguf, host=host, port=port, system_prompt=run.system_prompt(), parallel=parallel,
+              sampling=run.chat_sampling())
     except ChatError as exc:
         raise TunebookError(str(exc)) from None

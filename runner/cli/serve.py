@@ -48,6 +48,6 @@ def serve(
                       f"({parallel} requests at a time{auth}; Ctrl-C stops)", highlight=False, markup=False)
 
         serve_api(gguf, host=host, port=port, api_key=key, system_prompt=run.system_prompt(), model_id=model_id,
-                  parallel=parallel, n_ctx=ctx, n_threads=threads, on_ready=ready)
+                  parallel=parallel, n_ctx=ctx, n_threads=threads, on_ready=ready, sampling=run.chat_sampling())
     except ChatError as exc:
         raise TunebookError(str(exc)) from None

@@ -53,6 +53,11 @@ def reference_samples(recipe: Recipe, items: list[EvalItem], tokenizer, system_p
                                   max_length=recipe.model.max_seq_length, truncation="truncate").examples
 
 
+def chat_settings(recipe: Recipe) -> dict:
+    """The recipe's `chat:` settings, which the served model's `chat` answers are drawn with."""
+    return recipe.chat.overrides() if recipe.chat else {}
+
+
 def gate_models(recipe: Recipe) -> list[str]:
     """The models answered greedy besides the served one: the base, then every stage but the last (the model
     after the last stage is the served GGUF)."""
@@ -63,7 +68,7 @@ def gate_models(recipe: Recipe) -> list[str]:
 
 def _common_inputs(recipe: Recipe, items: list[EvalItem], system_prompt: str | None, modes: tuple[str, ...]) -> dict:
     return {"eval_set": eval_set_digest(items), "system_prompt": system_prompt, "max_tokens": recipe.eval.max_tokens,
-            "sampling": {mode: vars(sampling_for(mode, recipe.eval.seed)) for mode in modes},
+            "sampling": {mode: vars(sampling_for(mode, recipe.eval.seed, chat_settings(recipe))) for mode in modes},
             "parallel": PARALLEL, "rules": rules_identity()}
 
 
@@ -88,7 +93,8 @@ def measure_model(gguf: Path, items: list[EvalItem], samples: list[dict], recipe
         log(f"gate: {len(items)} evaluation questions answered by {label} ({mode}, at most "
             f"{recipe.eval.max_tokens} tokens)")
         result[mode] = answer_set(gguf, items, system_prompt, mode, seed=recipe.eval.seed,
-                                  max_tokens=recipe.eval.max_tokens, log=lambda m: log(f"gate: {m}"))
+                                  max_tokens=recipe.eval.max_tokens, log=lambda m: log(f"gate: {m}"),
+                                  chat=chat_settings(recipe))
     result["reference_ppl"] = reference_perplexity(gguf, samples)
     return result
 

@@ -260,6 +260,22 @@ class EvalConfig(Strict):
     stages: bool = True             # also answer (greedy) with the base model and the model after each stage
 
 
+class ChatConfig(Strict):
+    """How the served model answers unless a user says otherwise: `tunebook chat` and `tunebook serve` start with
+    these settings, and the evaluation gate's `chat` answers are drawn with them, so the gate measures what a
+    user meets. A key left out keeps the chat's own default (chat/engine.py CHAT_SAMPLING)."""
+
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0: greedy (default 0.7)
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None        # default 0.9
+    top_k: Annotated[int, Field(ge=0)] | None = None                # 0: off (default 40)
+    min_p: Annotated[float, Field(ge=0, lt=1)] | None = None        # default 0.05
+    repeat_penalty: Annotated[float, Field(gt=0)] | None = None     # over the last 64 tokens (default 1.1)
+
+    def overrides(self) -> dict:
+        """The settings this recipe sets, for chat.engine.Sampling."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class GateTargets(Strict):
     """The bar on the evaluation set (`eval:`), for the GGUF the chat serves; each target that is set is
     checked for its greedy answers and for its answers with the chat's sampler."""
@@ -302,6 +318,7 @@ class Recipe(Strict):
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     export: ExportConfig | None = None
     eval: EvalConfig | None = None
+    chat: ChatConfig | None = None
     targets: TargetsConfig | None = None
 
     _path: Path | None = PrivateAttr(None)  # the recipe file; data paths may be relative to it

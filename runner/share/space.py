@@ -96,7 +96,7 @@ def build_space(run: RunDir, out: Path | None = None, quant: str | None = None, 
     gguf = run.find_gguf(quant)
     name = run.load_recipe().name
     settings = {"model_file": gguf.name if model_repo else f"model/{gguf.name}", "model_repo": model_repo,
-                "system_prompt": run.system_prompt(), "title": title or name}
+                "system_prompt": run.system_prompt(), "title": title or name, "sampling": run.chat_sampling() or None}
     template = files("runner.share") / "space_files"
     content: dict[str, Path | str] = {
         "README.md": space_readme(settings["title"], gguf.name, name, model_repo),

@@ -32,7 +32,8 @@ def main() -> None:
     model = model_path(settings)
     print(f"serving {model.name} on http://{host}:{port}", flush=True)
     try:
-        serve(model, host=host, port=port, system_prompt=settings.get("system_prompt"), title=settings.get("title"))
+        serve(model, host=host, port=port, system_prompt=settings.get("system_prompt"), title=settings.get("title"),
+              sampling=settings.get("sampling"))
     except ChatError as exc:
         sys.exit(f"space: {exc}")
 
