@@ -71,3 +71,19 @@ def test_a_runs_chat_settings_reach_the_chat_and_the_api(tmp_path, monkeypatch):
     assert json.loads(env[chat.serve.ENV_SAMPLING]) == {"temperature": 0.3}
     assert chat_defaults({"temperature": 0.3, "seed": 9, "n_ctx": 1}).temperature == 0.3
     assert chat_defaults({"temperature": 0.3, "seed": 9}).seed is None  # a file cannot set the seed
+
+
+def test_a_space_carries_the_runs_chat_settings(tmp_path):
+    from chat_support import tiny_gguf
+    from runner.share.space import build_space
+
+    run = tmp_path / "vet"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: vet\nmodel: {base: some/model}\nstages:\n  - name: vet\n"
+                                     f"    data: {{source: {ROOT / 'data' / 'vet_qa.jsonl'}, format: messages}}\n"
+                                     "    train: {max_steps: 1}\nchat: {temperature: 0.3}\n")
+    (run / "recipe.resolved.yaml").write_text("name: vet\nchat:\n  temperature: 0.3\n")
+    shutil.copy(tiny_gguf("llama"), run / "vet-q8_0.gguf")
+    space = build_space(RunDir(run), out=tmp_path / "space")
+    assert json.loads((space / "space.json").read_text())["sampling"] == {"temperature": 0.3}
+    assert 'sampling=settings.get("sampling")' in (space / "start.py").read_text()  # what start.py hands to serve()
