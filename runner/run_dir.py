@@ -23,6 +23,7 @@ it. It holds three things:
     runs/<name>/quality-<quant>.json                the same checks of another exported type
     runs/<name>/gate/<model>.json                   the evaluation set answered by the served GGUF, the base
                                                     model and the model after each stage (eval/gate.py)
+    runs/<name>/gate/kept/<digest>.json             each way of answering of each model measured, by its inputs
     runs/<name>/report.md, *.png                    the report and its curves
     runs/<name>/tensorboard/                        the run's own numbers as TensorBoard events (report_to)
     runs/<name>/trackers/                           what was sent to each experiment tracker, and where
@@ -210,6 +211,13 @@ class RunDir:
         """The gate's answers and numbers for one model: `served` (the GGUF the chat serves), `base`, or a
         stage's name (the model after that stage)."""
         return self.gate_dir / f"{model}.json"
+
+    def gate_kept(self, inputs: dict) -> Path:
+        """One part of a model's gate (one way of answering, or the reference answers' perplexity), kept by what
+        it was made from: a rerun or a sweep that comes back to the same model and settings reads it instead of
+        answering again."""
+        key = hashlib.sha256(json.dumps(_canonical(inputs), sort_keys=True).encode()).hexdigest()[:24]
+        return self.gate_dir / "kept" / f"{key}.json"
 
     def gate_gguf(self, model: str, quant: str) -> Path:
         """A stage's model exported only to be measured by the gate; removed once measured."""

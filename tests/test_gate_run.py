@@ -119,6 +119,15 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert "export is up to date" in text and "gate of served is up to date" not in text
     assert all(f"gate of {m} is up to date" in text for m in ("base", "general"))
     assert json.loads(run.gate_file("served").read_text())["chat"]["sampling"]["temperature"] == 0.3
+    assert "gate of served: greedy answers were made from the same model and settings before" in text
+    assert "answered by the served GGUF (chat" in text and "answered by the served GGUF (greedy" not in text
+    # back to the recipe's own settings: every part of the served gate was kept, nothing is answered again
+    logs.clear()
+    train_recipe(load_recipe(recipe_file), log=logs.append)
+    text = "\n".join(logs)
+    assert "gate of served: greedy, chat answers were made from the same model and settings before" in text
+    assert "evaluation questions answered by" not in text
+    assert json.loads(run.gate_file("served").read_text()) | {"seconds": 0} == served | {"seconds": 0}
 
     # a changed evaluation set is answered again; the export is kept
     EVAL[1]["forbid"] = ["too thin"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from eval.answer_checks import rules_identity
@@ -85,28 +85,41 @@ def stage_model_inputs(recipe: Recipe, run: RunDir, model: str) -> dict:
             "after": None if model == BASE else [stage.identity(), file_identity(adapter) if adapter else None]}
 
 
-def measure_model(gguf: Path, items: list[EvalItem], samples: list[dict], recipe: Recipe, system_prompt: str | None,
-                  modes: tuple[str, ...], label: str, log=print) -> dict:
-    """The gate's answers in every mode, and the reference answers' perplexity, for one GGUF."""
-    result = {"model": label, "gguf": gguf.name, "eval_set": Path(recipe.eval.data).name, "questions": len(items)}
-    for mode in modes:
-        log(f"gate: {len(items)} evaluation questions answered by {label} ({mode}, at most "
-            f"{recipe.eval.max_tokens} tokens)")
-        result[mode] = answer_set(gguf, items, system_prompt, mode, seed=recipe.eval.seed,
-                                  max_tokens=recipe.eval.max_tokens, log=lambda m: log(f"gate: {m}"),
-                                  chat=chat_settings(recipe))
-    result["reference_ppl"] = reference_perplexity(gguf, samples)
-    return result
+REFERENCE = "reference_ppl"
+
+
+def part_inputs(recipe: Recipe, inputs: dict, part: str) -> dict:
+    """What one part of a model's gate is made from: one way of answering (`greedy`, `chat`) with its own
+    sampling only, so a change of the chat's settings leaves the greedy answers kept; or the reference answers'
+    perplexity, which no answering setting changes."""
+    common = {k: v for k, v in inputs.items() if k != "sampling"}
+    if part == REFERENCE:
+        common = {k: v for k, v in common.items() if k not in ("max_tokens", "parallel", "rules")}
+        return {**common, "part": part, "max_seq_length": recipe.model.max_seq_length,
+                "chat_template": recipe.model.chat_template}
+    return {**common, "part": part, "sampling": inputs["sampling"][part]}
+
+
+def measure_part(gguf: Path, part: str, items: list[EvalItem], samples: list[dict], recipe: Recipe,
+                 system_prompt: str | None, label: str, log=print) -> dict:
+    """One way of answering of one GGUF (graded and summarized), or its reference answers' perplexity."""
+    if part == REFERENCE:
+        return reference_perplexity(gguf, samples)
+    log(f"gate: {len(items)} evaluation questions answered by {label} ({part}, at most {recipe.eval.max_tokens} tokens)")
+    return answer_set(gguf, items, system_prompt, part, seed=recipe.eval.seed, max_tokens=recipe.eval.max_tokens,
+                      log=lambda m: log(f"gate: {m}"), chat=chat_settings(recipe))
 
 
 def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt: str | None,
              stage_model: Callable[[str], AbstractContextManager[Path]], log=print) -> dict[str, dict]:
     """{model: gate result} for the served GGUF and, when the recipe asks, the base and earlier stages; each
-    read back when it is up to date."""
+    read back when it is up to date, and each of its parts (a way of answering, the reference perplexity) read
+    from the run's kept parts when it was made from the same inputs before."""
     items = load_eval_set(recipe)
     samples = None
     results = {}
     plan = [(SERVED, MODES)] + [(model, ("greedy",)) for model in gate_models(recipe)]
+    quant = recipe.export.quants[0] if recipe.export else "q8_0"
     for model, modes in plan:
         target = run.gate_file(model)
         inputs = _common_inputs(recipe, items, system_prompt, modes)
@@ -124,16 +137,25 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
                 atomic.write_text(target, json.dumps(cached, indent=2) + "\n")
             results[model] = cached
             continue
-        samples = samples if samples is not None else reference_samples(recipe, items, tokenizer, system_prompt)
         start = time.perf_counter()
         label = {SERVED: "the served GGUF", BASE: "the base model"}.get(model, f"the model after {model}")
+        part_files = {part: run.gate_kept(part_inputs(recipe, inputs, part)) for part in (*modes, REFERENCE)}
+        parts = {part: gate_cache.read(path) for part, path in part_files.items()}
+        reused = [part for part in modes if parts[part] is not None]
+        if reused:
+            log(f"gate of {model}: {', '.join(reused)} answers were made from the same model and settings before, "
+                f"reading them")
         with run.making(target, inputs):
-            if model == SERVED:
-                result = measure_model(served, items, samples, recipe, system_prompt, modes, label, log)
-            else:
-                with stage_model(model) as gguf:
-                    result = measure_model(gguf, items, samples, recipe, system_prompt, modes, label, log)
-            result["seconds"] = round(time.perf_counter() - start, 1)
+            missing = [part for part, found in parts.items() if found is None]
+            if missing:
+                samples = samples if samples is not None else reference_samples(recipe, items, tokenizer, system_prompt)
+                with (nullcontext(served) if model == SERVED else stage_model(model)) as gguf:
+                    for part in missing:
+                        parts[part] = measure_part(gguf, part, items, samples, recipe, system_prompt, label, log)
+                        gate_cache.keep(part_files[part], parts[part])
+            gguf_name = served.name if model == SERVED else run.gate_gguf(model, quant).name
+            result = {"model": label, "gguf": gguf_name, "eval_set": Path(recipe.eval.data).name,
+                      "questions": len(items), **parts, "seconds": round(time.perf_counter() - start, 1)}
             atomic.write_text(target, json.dumps(result, indent=2) + "\n")
         gate_cache.keep(kept, result)
         results[model] = result
