@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from runner.errors import RecipeError, TunebookError
-from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value
+from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value, within
 from runner.recipe import load_recipe
 from runner.recipe.grid import expand_grid, split_values, swept
 from runner.run_dir import RunDir
@@ -51,6 +51,41 @@ def test_objective_and_bounds_are_checked_before_anything_trains(tmp_path):
             parse_goal(objective, bounds, False, recipe)
 
 
+def test_gate_metrics_need_an_evaluation_set_and_an_export(tmp_path):
+    path = two_stage_recipe(tmp_path)
+    with pytest.raises(TunebookError, match="needs an evaluation set and an export"):
+        parse_goal("gate.chat.warning_rate", [], True, load_recipe(path))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "q", "question": "Grapes?", "reference": "Call a vet.",
+                                                     "refer": True, "warn": False}) + "\n")
+    with path.open("a") as f:
+        f.write("export: {quantization: q8_0}\neval: {data: eval.jsonl}\n")
+    recipe = load_recipe(path)
+    goal = parse_goal("gate.chat.warning_rate", ["gate.greedy.forbidden=0"], True, recipe, ["gate.greedy.stop_rate=0.9"])
+    assert goal.objective == ("gate", "chat.warning_rate") and goal.needs_gate
+    assert goal.limits() == [("gate", "greedy.forbidden", "≤", 0.0), ("gate", "greedy.stop_rate", "≥", 0.9)]
+    assert not parse_goal("vet.eval_ppl", [], False, recipe).needs_gate
+    for objective, message in (("gate.chat.warnings", "not a number of the evaluation gate"),
+                               ("gate.sampled.stop_rate", "MODE greedy or chat")):
+        with pytest.raises(TunebookError, match=message):
+            parse_goal(objective, [], True, recipe)
+
+
+def test_floors_and_gate_numbers_decide_the_choice():
+    def variant(warning, stop, forbidden):
+        return {"stages": {}, "gate": {"chat.warning_rate": warning, "greedy.stop_rate": stop,
+                                       "greedy.forbidden": forbidden}}
+
+    variants = [variant(0.95, 0.85, 0), variant(0.90, 0.92, 0), variant(0.97, 0.95, 2), {"stages": {}}]
+    goal = Goal(("gate", "chat.warning_rate"), maximize=True)
+    assert choose(variants, goal) == 2
+    goal.bounds = [("gate", "greedy.forbidden", 0.0)]
+    assert choose(variants, goal) == 0
+    goal.floors = [("gate", "greedy.stop_rate", 0.9)]
+    assert choose(variants, goal) == 1 and not within(variants[3], goal)  # a variant never measured meets no bound
+    goal.floors = [("gate", "greedy.stop_rate", 0.99)]
+    assert choose(variants, goal) is None
+
+
 def test_choose_honours_the_bounds_and_the_direction():
     def variant(ppl, forgetting):
         return {"stages": {"general": {"metrics": {"forgetting": forgetting}}, "vet": {"metrics": {"eval_ppl": ppl}}}}
@@ -84,3 +119,33 @@ def test_sweep_trains_the_shared_stage_once_and_names_the_best_variant(tmp_path,
     printed = capsys.readouterr().out
     assert "general reused, 0 steps trained" in printed and "general trained 6 steps" in printed
     assert "export it: tunebook train" in printed
+
+
+@pytest.mark.slow
+def test_a_sweep_of_the_chat_settings_reuses_every_stage_and_picks_on_the_gate(tmp_path, monkeypatch, capsys):
+    from runner.cli.sweep import sweep
+
+    monkeypatch.setenv("TUNEBOOK_CACHE", str(tmp_path / "cache"))
+    path = two_stage_recipe(tmp_path, name="gate-sweep")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(
+        {"id": f"q{i}", "question": q, "reference": "Call your vet today.", "refer": True, "warn": False}) + "\n"
+        for i, q in enumerate(["My dog ate grapes.", "Is my cat too thin?", "My rabbit stopped eating."])))
+    with path.open("a") as f:
+        f.write("export: {quantization: q8_0}\neval: {data: eval.jsonl, max_tokens: 12}\n")
+    sweep(path, set_=["chat.temperature=0.1,1.6"], objective="gate.chat.repetition_mean", max_=None,
+          min_=["gate.greedy.stop_rate=0"], maximize=False, export=False, out_dir=None)
+    err = capsys.readouterr().err
+    folder = RunDir.of(load_recipe(path)).sweep_dir
+    result = json.loads((folder / "sweep.json").read_text())
+    first, second = result["variants"]
+    assert {n: st["action"] for n, st in second["stages"].items()} == {"general": "reuse", "vet": "reuse"}
+    assert first["gate"]["greedy.stop_rate"] == second["gate"]["greedy.stop_rate"]  # greedy answers kept
+    assert "gate of served: greedy answers were made from the same model and settings before" in err
+    chat = [json.loads(f.read_text()) for f in (RunDir.of(load_recipe(path)).gate_dir / "kept").glob("*.json")]
+    chat = [c for c in chat if c.get("mode") == "chat"]  # drawn at 0.1, then at 1.6
+    assert sorted(c["sampling"]["temperature"] for c in chat) == [0.1, 1.6]
+    assert chat[0]["answers"] != chat[1]["answers"]
+    reps = [v["gate"]["chat.repetition_mean"] for v in result["variants"]]
+    assert result["chosen"] == reps.index(min(reps)) and result["floors"] == [["gate", "greedy.stop_rate", 0.0]]
+    report = (folder / "report.md").read_text()
+    assert "gate.chat.repetition_mean" in report and "gate.greedy.stop_rate" in report and "questions never trained on" in report

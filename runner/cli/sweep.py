@@ -15,9 +15,14 @@ def sweep(
     set_: SetOpt = None,
     objective: Annotated[str, typer.Option(help="STAGE.METRIC to minimize, e.g. vet.eval_ppl "
                                                 "(metrics: eval_ppl, eval_loss, best_eval_ppl, best_eval_loss, "
-                                                "forgetting, steps, seconds).", show_default=False)] = ...,
-    max_: Annotated[list[str] | None, typer.Option("--max", help="A bound STAGE.METRIC=LIMIT a chosen variant must "
-                                                   "meet, e.g. --max general.forgetting=0.05.", show_default=False)] = None,
+                                                "forgetting, steps, seconds), or the served model's evaluation gate, "
+                                                "gate.MODE.METRIC (MODE: greedy, chat; METRIC: stop_rate, referral_rate, "
+                                                "warning_rate, forbidden, echo, loops, repetition_mean, words_median) "
+                                                "or gate.reference_ppl.", show_default=False)] = ...,
+    max_: Annotated[list[str] | None, typer.Option("--max", help="A bound METRIC=LIMIT a chosen variant must "
+                                                   "not exceed, e.g. --max general.forgetting=0.05.", show_default=False)] = None,
+    min_: Annotated[list[str] | None, typer.Option("--min", help="A floor METRIC=LIMIT a chosen variant must reach, "
+                                                   "e.g. --min gate.greedy.stop_rate=0.9.", show_default=False)] = None,
     maximize: Annotated[bool, typer.Option("--maximize", help="Pick the highest objective instead.")] = False,
     export: Annotated[bool, typer.Option("--export", help="Also export and check every variant (slower); by default "
                                          "the chosen one is exported by the `tunebook train` command printed at the end.")] = False,
@@ -26,8 +31,10 @@ def sweep(
 ) -> None:
     """Train every combination of the `--set KEY=V1,V2,...` values (a key with one value is set in all), reusing
     the stages variants share, then write the comparison (table, curves, forgetting per variant) and name the
-    best variant by --objective within the --max bounds."""
-    from ..measure.sweep import parse_goal, set_options, trained_text, variant_record, write_sweep_report
+    best variant by --objective within the --max and --min bounds. A gate metric exports every variant and has it
+    answer the recipe's evaluation set (a variant that changes only `chat:` answers only with the chat's sampler
+    again)."""
+    from ..measure.sweep import metric_value, parse_goal, set_options, trained_text, variant_record, write_sweep_report
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
     from ..recipe.grid import expand_grid, swept
@@ -37,7 +44,8 @@ def sweep(
 
     variants = expand_grid(set_ or [])
     recipes = [load_recipe(recipe_path, sets) for sets in variants]  # every variant valid before anything trains
-    goal = parse_goal(objective, max_ or [], maximize, recipes[0])
+    goal = parse_goal(objective, max_ or [], maximize, recipes[0], min_ or [])
+    export = export or goal.needs_gate
     folder = out_dir or RunDir.of(recipes[0]).sweep_dir
     records = []
     for i, (sets, recipe) in enumerate(zip(variants, recipes)):
@@ -46,7 +54,7 @@ def sweep(
         run = RunDir.of(recipe)
         before = plan_stages(recipe, run, stage_fingerprints(recipe))
         train_recipe(recipe, log=log_to_stderr, export=export)
-        records.append(variant_record(recipe, run, sets, before))
+        records.append(variant_record(recipe, run, sets, before, gate=export and recipe.eval is not None))
         report, chosen = write_sweep_report(recipe_path, records, swept(set_ or []), goal, folder)
     for i, record in enumerate(records):
         done = ", ".join(f"{name} {trained_text(st)}" for name, st in record["stages"].items())
@@ -56,5 +64,5 @@ def sweep(
         return
     sets = set_options(records[chosen]["sets"])
     out.print(f"chosen: variant {chosen + 1} ({goal.name} "
-              f"{records[chosen]['stages'][goal.objective[0]]['metrics'][goal.objective[1]]:.4f}); comparison: {report}\n"
+              f"{metric_value(records[chosen], *goal.objective):.4f}); comparison: {report}\n"
               f"export it: tunebook train {recipe_path} {sets}", highlight=False, soft_wrap=True)

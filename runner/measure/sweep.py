@@ -1,6 +1,7 @@
 """What `tunebook sweep` measures and writes: per variant, each stage's version (trained or reused, and how many
-steps), its evaluations and the forgetting matrix; the variant the user's objective picks within their bounds;
-the comparison (sweep.json, report.md and curves), rendered by eval/report.py."""
+steps), its evaluations and the forgetting matrix, and, when the objective or a bound names one of its numbers,
+the evaluation gate of the served model (questions never trained on); the variant the user's objective picks
+within their bounds; the comparison (sweep.json, report.md and curves), rendered by eval/report.py."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir
 from ..train.metrics import read_metrics
+from .gate import MODES, REFERENCE, SERVED
 
 METRICS = {
     "eval_ppl": "validation perplexity of the adapter the stage keeps (its last evaluation, or its best with keep: best)",
@@ -27,43 +29,103 @@ METRICS = {
     "steps": "optimizer steps of the stage",
     "seconds": "training seconds of the stage",
 }
+# The served model's evaluation gate (runner/measure/gate.py), as `gate.MODE.METRIC` (MODE: greedy or chat, the
+# chat's own sampler) or `gate.reference_ppl`.
+GATE = "gate"
+GATE_METRICS = {
+    "stop_rate": "share of answers that stop at end-of-turn",
+    "referral_rate": "share of answers that send the owner to a vet, where the question calls for one",
+    "warning_rate": "share of answers that warn, where the question involves something dangerous",
+    "forbidden": "answers with a forbidden phrase",
+    "echo": "answers repeating the system prompt",
+    "loops": "answers that loop",
+    "repetition_mean": "mean share of repeated 4-grams",
+    "words_median": "median answer length in words",
+}
+GATE_NAMES = [f"{mode}.{name}" for mode in MODES for name in GATE_METRICS] + [REFERENCE]
 
 
 @dataclass
 class Goal:
-    """`--objective stage.metric` (minimized unless `maximize`) and `--max stage.metric=LIMIT` bounds."""
+    """`--objective stage.metric` (minimized unless `maximize`), `--max stage.metric=LIMIT` bounds (at most) and
+    `--min` floors (at least). A metric is (stage, name), or ("gate", "mode.name") for the evaluation gate."""
 
     objective: tuple[str, str]
     maximize: bool = False
     bounds: list[tuple[str, str, float]] = field(default_factory=list)
+    floors: list[tuple[str, str, float]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return ".".join(self.objective)
 
+    @property
+    def needs_gate(self) -> bool:
+        """Whether every variant must be exported and answer the evaluation set."""
+        return any(key == GATE for key, *_ in [self.objective, *self.bounds, *self.floors])
 
-def parse_goal(objective: str, bounds: list[str], maximize: bool, recipe: Recipe) -> Goal:
-    """A clear error, before anything trains, for an unknown stage or metric or a bound that is not a number."""
+    def limits(self) -> list[tuple[str, str, str, float]]:
+        """(stage, metric, '≤' or '≥', limit) for every bound and floor."""
+        return [(s, m, "≤", x) for s, m, x in self.bounds] + [(s, m, "≥", x) for s, m, x in self.floors]
+
+
+def parse_goal(objective: str, bounds: list[str], maximize: bool, recipe: Recipe, floors: list[str] | None = None) -> Goal:
+    """A clear error, before anything trains, for an unknown stage or metric, a bound that is not a number, or a
+    gate metric the recipe cannot measure (it needs `eval:` and `export:`)."""
+    stages = [s.name for s in recipe.stages]
+
     def metric(text: str, option: str) -> tuple[str, str]:
         stage, _, name = text.partition(".")
-        stages = [s.name for s in recipe.stages]
+        if stage == GATE and stage not in stages:
+            if name not in GATE_NAMES:
+                raise TunebookError(f"{option} {text}: not a number of the evaluation gate\n"
+                                    f"    fix: gate.MODE.METRIC with MODE greedy or chat and METRIC one of "
+                                    f"{', '.join(GATE_METRICS)}, or gate.{REFERENCE} (e.g. {option} gate.chat.warning_rate)")
+            if recipe.eval is None or recipe.export is None:
+                raise TunebookError(f"{option} {text}: the evaluation gate needs an evaluation set and an export in the "
+                                    f"recipe\n    fix: add `eval: {{data: <questions.jsonl>}}` and `export: "
+                                    f"{{quantization: q8_0}}` (README, Recipes)")
+            return stage, name
         if stage not in stages or name not in METRICS:
             raise TunebookError(f"{option} {text}: expected STAGE.METRIC with a stage of the recipe and a known metric\n"
                                 f"    fix: stages: {', '.join(stages)}; metrics: {', '.join(METRICS)} "
-                                f"(e.g. {option} {stages[-1]}.eval_ppl)")
+                                f"(e.g. {option} {stages[-1]}.eval_ppl), or gate.MODE.METRIC for the evaluation gate")
         if name == "forgetting" and stage == stages[-1]:
             raise TunebookError(f"{option} {text}: forgetting is measured for the stages before the last one\n"
                                 f"    fix: use one of {', '.join(s + '.forgetting' for s in stages[:-1]) or 'the other metrics'}")
         return stage, name
 
-    limits = []
-    for bound in bounds:
-        key, _, raw = bound.partition("=")
-        try:
-            limits.append((*metric(key.strip(), "--max"), float(raw)))
-        except ValueError:
-            raise TunebookError(f"--max {bound}: the limit must be a number\n    fix: e.g. --max general.forgetting=0.05") from None
-    return Goal(metric(objective, "--objective"), maximize, limits)
+    def limits(texts: list[str], option: str) -> list[tuple[str, str, float]]:
+        found = []
+        for bound in texts:
+            key, _, raw = bound.partition("=")
+            try:
+                found.append((*metric(key.strip(), option), float(raw)))
+            except ValueError:
+                raise TunebookError(f"{option} {bound}: the limit must be a number\n"
+                                    f"    fix: e.g. {option} general.forgetting=0.05") from None
+        return found
+
+    return Goal(metric(objective, "--objective"), maximize, limits(bounds, "--max"), limits(floors or [], "--min"))
+
+
+def gate_numbers(run: RunDir) -> dict:
+    """The served model's gate as `mode.metric` numbers (and `reference_ppl`), as the run measured it last."""
+    path = run.gate_file(SERVED)
+    if not path.is_file():
+        return {}
+    gate = json.loads(path.read_text())
+    numbers = {f"{mode}.{name}": gate[mode]["summary"].get(name) for mode in MODES if mode in gate
+               for name in GATE_METRICS}
+    numbers[REFERENCE] = gate.get(REFERENCE, {}).get("ppl")
+    return numbers
+
+
+def metric_value(variant: dict, stage: str, name: str):
+    """A variant's number for (stage, metric) or ("gate", "mode.metric"); None when it was not measured."""
+    if stage == GATE and stage not in variant["stages"]:
+        return (variant.get("gate") or {}).get(name)
+    return variant["stages"].get(stage, {}).get("metrics", {}).get(name)
 
 
 def _kept_eval(evals: list[dict], kept: str) -> dict | None:
@@ -72,9 +134,10 @@ def _kept_eval(evals: list[dict], kept: str) -> dict | None:
     return min(evals, key=lambda r: r["eval_loss"]) if kept == "best" else max(evals, key=lambda r: r["step"])
 
 
-def variant_record(recipe: Recipe, run: RunDir, sets: list[str], before: list) -> dict:
+def variant_record(recipe: Recipe, run: RunDir, sets: list[str], before: list, gate: bool = False) -> dict:
     """One variant after its training: per stage its version, what this sweep did to it (`before`: the rerun
-    plan made just before training it) and its metrics; the forgetting matrix."""
+    plan made just before training it) and its metrics; the forgetting matrix; with `gate` (the variant was
+    exported and measured just now), the served model's gate numbers."""
     forgetting = json.loads(run.forgetting_file.read_text()) if len(recipe.stages) > 1 and run.forgetting_file.is_file() else None
     last = recipe.stages[-1].name
     stages = {}
@@ -93,7 +156,10 @@ def variant_record(recipe: Recipe, run: RunDir, sets: list[str], before: list) -
                              "trained_steps": 0 if step.action == "reuse" else outcome.steps - step.steps_done,
                              "metrics": metrics, "evals": evals, "model": recipe.model.base,
                              "train": stage.fingerprint()["settings"]["train"] if stage.fingerprint() else {}}
-    return {"sets": sets, "run": str(run.path), "stages": stages, "forgetting": forgetting}
+    record = {"sets": sets, "run": str(run.path), "stages": stages, "forgetting": forgetting}
+    if gate:
+        record["gate"] = gate_numbers(run)
+    return record
 
 
 def trained_text(stage: dict) -> str:
@@ -105,15 +171,19 @@ def trained_text(stage: dict) -> str:
 
 def choose(variants: list[dict], goal: Goal) -> int | None:
     """The index of the best variant within the bounds, None when no variant meets them."""
-    def value(v: dict, stage: str, name: str):
-        return v["stages"].get(stage, {}).get("metrics", {}).get(name)
-
-    fits = [i for i, v in enumerate(variants) if value(v, *goal.objective) is not None
-            and all(value(v, s, m) is not None and value(v, s, m) <= limit for s, m, limit in goal.bounds)]
+    fits = [i for i, v in enumerate(variants) if metric_value(v, *goal.objective) is not None and within(v, goal)]
     if not fits:
         return None
     pick = max if goal.maximize else min
-    return pick(fits, key=lambda i: value(variants[i], *goal.objective))
+    return pick(fits, key=lambda i: metric_value(variants[i], *goal.objective))
+
+
+def within(variant: dict, goal: Goal) -> bool:
+    """The variant meets every bound and floor (a number it lacks meets none)."""
+    def ok(value, op: str, limit: float) -> bool:
+        return value is not None and (value <= limit if op == "≤" else value >= limit)
+
+    return all(ok(metric_value(variant, s, m), op, limit) for s, m, op, limit in goal.limits())
 
 
 def set_options(sets: list[str]) -> str:
@@ -144,11 +214,13 @@ def short_value(raw: str, width: int = 40) -> str:
 
 def _metric(variant: dict, column: str) -> str:
     stage, name = column.split(".", 1)
-    value = variant["stages"][stage]["metrics"].get(name)
+    value = metric_value(variant, stage, name)
     if value is None:
         return "–"
     if name == "forgetting":
         return f"{value:+.2%}"
+    if name.endswith("_rate"):
+        return f"{value:.1%}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -157,26 +229,24 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
     chosen = choose(variants, goal)
     stage_names = list(variants[0]["stages"]) if variants else []
     columns = [f"{s}.forgetting" for s in stage_names[:-1]] + [f"{s}.eval_ppl" for s in stage_names]
-    for name in [goal.name] + [f"{s}.{m}" for s, m, _ in goal.bounds]:
+    for name in [goal.name] + [f"{s}.{m}" for s, m, _, _ in goal.limits()]:
         if name not in columns:
             columns.append(name)
     head = ["variant"] + keys + [f"{s} version" for s in stage_names] + columns + ["within bounds", "chosen"]
     rows = []
     for i, v in enumerate(variants):
         values = dict(expr.partition("=")[::2] for expr in v["sets"])
-        within = all((v["stages"][s]["metrics"].get(m) is not None and v["stages"][s]["metrics"][m] <= limit)
-                     for s, m, limit in goal.bounds)
         rows.append([str(i + 1)] + [short_value(values.get(k, "")) for k in keys]
                     + [f"{st['version'][:8]} ({trained_text(st)})" for st in v["stages"].values()]
                     + [_metric(v, c) for c in columns]
-                    + ["yes" if within else "**no**", "**←**" if i == chosen else ""])
-    bounds = ", ".join(f"{s}.{m} ≤ {limit:g}" for s, m, limit in goal.bounds)
+                    + ["yes" if within(v, goal) else "**no**", "**←**" if i == chosen else ""])
+    bounds = ", ".join(f"{s}.{m} {op} {limit:g}" for s, m, op, limit in goal.limits())
     direction = "highest" if goal.maximize else "lowest"
     if chosen is None:
         verdict = f"No variant meets {bounds or 'the objective'}: none is chosen."
     else:
         sets = set_options(variants[chosen]["sets"])
-        value = variants[chosen]["stages"][goal.objective[0]]["metrics"][goal.objective[1]]
+        value = metric_value(variants[chosen], *goal.objective)
         verdict = (f"**Chosen: variant {chosen + 1}** (`{sets}`): {goal.name} {value:.4f}, the {direction} of "
                    f"{len(variants)} variants{' within ' + bounds if bounds else ''}. To export it and check it, "
                    f"run `tunebook train {recipe_path} {sets}`: every stage is reused, then the export, the quality "
@@ -188,7 +258,10 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         atomic.write_bytes(out / name, png)
     parts = [f"# Sweep of {recipe_path}", "", markdown_table(head, rows), "", verdict, "",
              "A version is a stage's fingerprint: variants that share one share its training (it was trained once). "
-             "Forgetting: the rise of a stage's validation perplexity from after it to after the last stage.", ""]
+             "Forgetting: the rise of a stage's validation perplexity from after it to after the last stage."
+             + (" gate.MODE.METRIC: the served GGUF on the recipe's evaluation set, questions never trained on "
+                "(MODE greedy, or chat: the chat's own sampler at a fixed seed; report.md of the run has its answers)."
+                if goal.needs_gate else ""), ""]
     for i, v in enumerate(variants):
         if v["forgetting"]:
             parts += [f"## Variant {i + 1}: forgetting matrix (validation perplexity)", "",
@@ -197,6 +270,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
     report = out / "report.md"
     atomic.write_text(out / "sweep.json", json.dumps({"recipe": str(recipe_path), "objective": goal.name,
                                                       "maximize": goal.maximize, "bounds": goal.bounds,
+                                                      "floors": goal.floors,
                                                       "chosen": chosen, "variants": variants}, indent=1) + "\n")
     atomic.write_text(report, "\n".join(parts))
     return report, chosen
