@@ -87,6 +87,16 @@ def test_missing_required_key_points_at_its_parent(write):
     assert p.loc.line == 6 and "add `source:`" in p.fix
 
 
+def test_an_empty_source_is_named_and_a_file_name_with_spaces_gets_a_usable_name(write):
+    p = only_problem(error_of(write("r.yaml", MINIMAL.replace("source: data.jsonl", 'source: ""'))))
+    assert p.path == "stages.0.data.source" and p.loc.line == 7
+    assert "expected a data source, got ''" in p.message and "package:<module>" in p.fix
+    recipe = load_recipe(write("r.yaml", MINIMAL.replace("source: data.jsonl", 'source: "my vet data.jsonl"')))
+    assert [item.name for item in recipe.stages[0].data_items()] == ["my-vet-data"]
+    recipe = load_recipe(write("r.yaml", MINIMAL.replace("source: data.jsonl", "source: 'package:'")))
+    assert [item.name for item in recipe.stages[0].data_items()] == ["data"]
+
+
 def test_neither_max_steps_nor_num_epochs(write):
     p = only_problem(error_of(write("r.yaml", MINIMAL.replace("      max_steps: 10\n      eval_steps: 5\n", "      learning_rate: 1e-4\n"))))
     assert "neither max_steps nor num_epochs" in p.message and "exactly one" in p.fix

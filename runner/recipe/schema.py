@@ -70,7 +70,8 @@ class FieldMap(Strict):
 
 
 class DataConfig(Strict):
-    source: str = Field(description="hub dataset id | local .jsonl/.json/.parquet/.csv file or folder | package:<module>")
+    source: str = Field(min_length=1,
+                        description="hub dataset id | local .jsonl/.json/.parquet/.csv file or folder | package:<module>")
     format: Literal["auto", "sharegpt", "messages", "alpaca", "prompt_completion"] = "auto"
     fields: FieldMap = FieldMap()
     subset: str | None = None
@@ -130,9 +131,11 @@ UNION_TAGS = {"source-item", "replay-item", "data-list", "data-mapping"}  # pyda
 
 
 def source_name(spec: str) -> str:
-    """A source's default name: the file or folder stem, the package module, the hub id's last part."""
+    """A source's default name: the file or folder stem, the package module, the hub id's last part; characters a
+    name cannot hold (a space, an accent) become '-', and a source with nothing to name it by is called `data`."""
     spec = spec.removeprefix("package:").rstrip("/")
-    return Path(spec).stem if Path(spec).suffix else spec.rsplit("/", 1)[-1]
+    name = Path(spec).stem if Path(spec).suffix else spec.rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name).lstrip("_.-") or "data"
 
 
 # optimizer as a recipe names it -> transformers' `optim` (what the hf, axolotl and unsloth trainers are given)
@@ -485,6 +488,9 @@ def _problem_from_error(err: dict, located: Located) -> Problem:
         return Problem(loc, shown, f"expected a number, got {_describe(value)}", "e.g. 2e-4 or 0.0002")
     if kind in ("bool_parsing", "bool_type"):
         return Problem(loc, shown, f"expected true or false, got {_describe(value)}", "use true or false")
+    if kind in ("string_type", "string_too_short") and path and path[-1] == "source":
+        return Problem(loc, shown, f"expected a data source, got {_describe(value)}",
+                       "a local file or folder, a hub dataset id, or package:<module>")
     if kind in ("string_type", "string_too_short", "string_pattern_mismatch"):
         return Problem(loc, shown, f"expected a name (letters, digits, '-', '_', '.'), got {_describe(value)}",
                        "e.g. my-run")
