@@ -212,7 +212,8 @@ def short_value(raw: str, width: int = 40) -> str:
     return raw[:width - 1] + "…"
 
 
-def _metric(variant: dict, column: str) -> str:
+def shown(variant: dict, column: str) -> str:
+    """A variant's number as the comparison shows it: forgetting and rates as percentages."""
     stage, name = column.split(".", 1)
     value = metric_value(variant, stage, name)
     if value is None:
@@ -238,7 +239,7 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         values = dict(expr.partition("=")[::2] for expr in v["sets"])
         rows.append([str(i + 1)] + [short_value(values.get(k, "")) for k in keys]
                     + [f"{st['version'][:8]} ({trained_text(st)})" for st in v["stages"].values()]
-                    + [_metric(v, c) for c in columns]
+                    + [shown(v, c) for c in columns]
                     + ["yes" if within(v, goal) else "**no**", "**←**" if i == chosen else ""])
     bounds = ", ".join(f"{s}.{m} {op} {limit:g}" for s, m, op, limit in goal.limits())
     direction = "highest" if goal.maximize else "lowest"
@@ -246,8 +247,8 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         verdict = f"No variant meets {bounds or 'the objective'}: none is chosen."
     else:
         sets = set_options(variants[chosen]["sets"])
-        value = metric_value(variants[chosen], *goal.objective)
-        verdict = (f"**Chosen: variant {chosen + 1}** (`{sets}`): {goal.name} {value:.4f}, the {direction} of "
+        verdict = (f"**Chosen: variant {chosen + 1}** (`{sets}`): {goal.name} {shown(variants[chosen], goal.name)}, "
+                   f"the {direction} of "
                    f"{len(variants)} variants{' within ' + bounds if bounds else ''}. To export it and check it, "
                    f"run `tunebook train {recipe_path} {sets}`: every stage is reused, then the export, the quality "
                    f"checks and the report are made.")
