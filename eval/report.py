@@ -315,13 +315,44 @@ def run_report(rows: list[StageRow], forgetting: dict | None, sections: dict[str
     return "\n".join(parts)
 
 
-def compare_report(rows: list[StageRow], images: list[str]) -> str:
+def gate_comparison(entries: list[dict]) -> str:
+    """The served models of several runs on their evaluation sets, side by side. `entries`: per run its name
+    (`run`), its served gate result (`result`) and the evaluation set's name and content digest (`eval_set`,
+    `digest`). Runs that answered different sets are said not to compare."""
+    if not entries:
+        return ""
+    head = ("run", "evaluation set", "answering", "stopped at end-of-turn", "referral where expected",
+            "warning where expected", "forbidden phrase", "system-prompt echo", "loops", "median words", "reference ppl")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        result = e["result"]
+        for mode in ("greedy", "chat"):
+            if mode not in result:
+                continue
+            g = result[mode]["summary"]
+            way = SAMPLING_WORDS[mode] + ("" if mode == "greedy" else f" ({_sampling_text(result[mode]['sampling'])})")
+            lines.append(f"| {e['run']} | `{e['eval_set']}` | {way} | {_count(g['stopped'], g['questions'])} | "
+                         f"{_count(g['referred'], g['refer_expected'])} | {_count(g['warned'], g['warn_expected'])} | "
+                         f"{g['forbidden']} | {g['echo']} | {g['loops']} | {g['words_median']:.0f} | "
+                         f"{_num(result['reference_ppl']['ppl'], 2)} |")
+    sets = {(e["eval_set"], e["digest"]) for e in entries}
+    note = ("Each run's served GGUF as its last `tunebook train` measured it, on questions written apart from its "
+            "training data (the run's report.md has the answers).")
+    if len(sets) > 1:
+        note += (" **These runs answered different evaluation sets (or different versions of one): their numbers "
+                 "do not compare.**")
+    return "\n".join([note, ""] + lines)
+
+
+def compare_report(rows: list[StageRow], images: list[str], gates: list[dict] | None = None) -> str:
     parts = ["# Run comparison", "", comparison_table(rows), "",
              "Validation loss is the token-weighted mean negative log-likelihood over assistant tokens; "
              "perplexity = exp(loss). Δ ppl is the change of best perplexity from the row above."
              + (" A stage trained in several versions (edited and rerun) has one row per version, oldest first; "
                 "`version` names its fingerprint and what was edited after it." if any(r.note for r in rows) else ""),
              ""]
+    if gates:
+        parts += ["## Evaluation gate: the served models on questions never trained on", "", gate_comparison(gates), ""]
     for image in images:
         parts += [f"![{image.rsplit('.', 1)[0]}]({image})", ""]
     return "\n".join(parts)

@@ -11,8 +11,10 @@ import pytest
 from chat_support import tiny_gguf
 from eval.eval_set import EvalItem
 from eval.gate import answer_set
+from eval.report import gate_comparison
 from runner.export.gguf_table import read_table
 from runner.export.stage_gguf import stage_gguf
+from runner.measure.report import served_gate, write_compare_report
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
 from runner.run_dir import RunDir
@@ -162,3 +164,14 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert "gate of general is up to date" not in "\n".join(logs)  # its own stage: measured
     assert json.loads(twin_run.gate_file("base").read_text()) == json.loads(run.gate_file("base").read_text())
     assert twin_run.made_from(twin_run.gate_file("base")) == run.made_from(run.gate_file("base"))
+
+    # `tunebook compare` puts the served models' gates side by side, and says when the sets differ
+    report = write_compare_report([run, twin_run], tmp_path / "compare").read_text()
+    section = report.split("## Evaluation gate: the served models on questions never trained on", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| gated")]
+    assert [r.split(" | ")[2] for r in rows] == ["greedy", "chat sampler (temperature 0.7, top-p 0.9, top-k 40, "
+                                                 "repeat penalty 1.1, seed 0)"] * 2, rows
+    served_now = json.loads(run.gate_file("served").read_text())["greedy"]["summary"]
+    assert f"| {served_now['stopped']}/3 (" in rows[0] and "do not compare" not in section
+    other = served_gate(twin_run)[0] | {"digest": "another set"}
+    assert "do not compare" in gate_comparison(served_gate(run) + [other])

@@ -13,7 +13,7 @@ from ..errors import TunebookError
 from ..recipe import Recipe
 from ..run_dir import RunDir, StageDir, content_identity, file_identity
 from ..train.metrics import read_metrics
-from .gate import read_gate
+from .gate import SERVED, read_gate
 from .targets import check_targets
 
 
@@ -180,16 +180,27 @@ def write_run_report(recipe: Recipe, run: RunDir, log=print) -> Path:
 def write_compare_report(runs: list[RunDir | Path], out_dir: Path) -> Path:
     """out_dir/report.md (the comparison table) and its curves, for one or several runs: every finished version
     of every stage, so the before and after of an edit are side by side."""
-    rows = []
+    rows, gates = [], []
     for run in runs:
         run = run if isinstance(run, RunDir) else RunDir(run)
         if not run.is_run():
             raise TunebookError(f"{run} is not a tunebook run directory\n"
                                 "    fix: pass the folders `tunebook train` wrote (one per recipe name, under output_dir)")
         rows += run_rows(run, versions=True)
+        gates += served_gate(run)
     images = plot_curves(rows)
     for name, png in images.items():
         atomic.write_bytes(Path(out_dir) / name, png)
     out = Path(out_dir) / "report.md"
-    atomic.write_text(out, compare_report(rows, list(images)))
+    atomic.write_text(out, compare_report(rows, list(images), gates))
     return out
+
+
+def served_gate(run: RunDir) -> list[dict]:
+    """The run's served model on its evaluation set, as the comparison shows it; [] when it was not measured."""
+    path = run.gate_file(SERVED)
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    return [{"run": run.path.name, "result": result, "eval_set": result.get("eval_set", "?"),
+             "digest": (run.made_from(path) or {}).get("eval_set")}]
