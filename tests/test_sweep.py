@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from runner.errors import RecipeError, TunebookError
-from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value, within
+from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value, within, write_sweep_report
 from runner.recipe import load_recipe
 from runner.recipe.grid import expand_grid, split_values, swept
 from runner.run_dir import RunDir
@@ -149,3 +149,8 @@ def test_a_sweep_of_the_chat_settings_reuses_every_stage_and_picks_on_the_gate(t
     assert result["chosen"] == reps.index(min(reps)) and result["floors"] == [["gate", "greedy.stop_rate", 0.0]]
     report = (folder / "report.md").read_text()
     assert "gate.chat.repetition_mean" in report and "gate.greedy.stop_rate" in report and "questions never trained on" in report
+    assert first["gate"]["eval_set"] == second["gate"]["eval_set"] and "do not compare" not in report
+    second["gate"]["eval_set"] = "another set"
+    report, _ = write_sweep_report(path, [first, second], ["chat.temperature"], Goal(("gate", "chat.stop_rate")),
+                                   tmp_path / "other")
+    assert "do not compare" in report.read_text()

@@ -118,6 +118,7 @@ def gate_numbers(run: RunDir) -> dict:
     numbers = {f"{mode}.{name}": gate[mode]["summary"].get(name) for mode in MODES if mode in gate
                for name in GATE_METRICS}
     numbers[REFERENCE] = gate.get(REFERENCE, {}).get("ppl")
+    numbers["eval_set"] = (run.made_from(path) or {}).get("eval_set")  # the set's content digest
     return numbers
 
 
@@ -257,6 +258,9 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
         images.update(plot_curves([r for r in curves if r.stage == stage], prefix=f"{stage}-"))
     for name, png in images.items():
         atomic.write_bytes(out / name, png)
+    if len({v["gate"].get("eval_set") for v in variants if v.get("gate")}) > 1:
+        verdict += (" **The variants answered different evaluation sets (or versions of one): their gate numbers "
+                    "do not compare.**")
     parts = [f"# Sweep of {recipe_path}", "", markdown_table(head, rows), "", verdict, "",
              "A version is a stage's fingerprint: variants that share one share its training (it was trained once). "
              "Forgetting: the rise of a stage's validation perplexity from after it to after the last stage."
