@@ -10,10 +10,11 @@ good answer must and must not do. One JSON object per line:
      "forbid": ["grapes are safe", ...],                phrases that must not appear (eval/answer_checks.py)
      "species": "dog", "topic": "toxins"}               free labels, counted in the report
 
-A bad line is an EvalSetError naming the file, the line and the fix.
+UTF-8, with or without a byte-order mark. A bad line is an EvalSetError naming the file, the line and the fix.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -82,24 +83,43 @@ def _item(record, where: str) -> EvalItem:
                     tuple(p.strip() for p in forbid), str(record.get("species", "")), str(record.get("topic", "")))
 
 
-def read_eval_set(path: Path | str) -> list[EvalItem]:
-    """Every item of a JSON Lines evaluation set; an EvalSetError at the first bad line."""
-    path = Path(path)
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line: UTF-8 with or without a byte-order mark, LF or CRLF line ends.
+    Only a newline ends a line (a JSON string may hold U+2028 and other characters Python also splits on)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise EvalSetError(f"{path}: cannot read the evaluation set ({exc.strerror or exc})\n"
                            "    fix: point eval.data at a JSON Lines file of questions") from None
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) \
+            or b"\x00" in data[:4096]:
+        raise EvalSetError(f"{path}: the file is UTF-16 or UTF-32 text\n    fix: save it as UTF-8")
+    lines = []
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalSetError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)\n"
+                               "    fix: save the file as UTF-8") from None
+        if line.strip():
+            lines.append((number, line))
+    return lines
+
+
+def read_eval_set(path: Path | str) -> list[EvalItem]:
+    """Every item of a JSON Lines evaluation set; an EvalSetError at the first bad line."""
+    path = Path(path)
     items, seen = [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in _lines(path):
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EvalSetError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})\n"
                                "    fix: one JSON object per line") from None
+        except RecursionError:
+            raise EvalSetError(f"{where}: nested too deep to be a question\n"
+                               "    fix: one JSON object per line, as eval/eval_set.py shows") from None
         item = _item(record, where)
         if item.id in seen:
             raise EvalSetError(f"{where}: id {item.id!r} is also on line {seen[item.id]}\n"

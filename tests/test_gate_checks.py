@@ -3,6 +3,7 @@ an echoed system prompt are each caught, negations are not mistaken for them, an
 report.md follow. The set's own reference answers pass every check they set."""
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -126,6 +127,28 @@ def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):
     with pytest.raises(EvalSetError) as exc:
         read_eval_set(path)
     assert f"{path}:2: " in str(exc.value) and message in str(exc.value) and "fix:" in str(exc.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("ok\n".encode() + '{"q": "Gr\u00e9pes?"}\n'.encode("latin-1"), ":2: not UTF-8 text (byte 10 of the line)"),
+    ('ok\n{"id": "a"}\n'.encode("utf-16"), "UTF-16 or UTF-32 text"),
+    (b'ok\n{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":2: nested too deep"),
+])
+def test_a_file_that_is_not_json_lines_text_is_an_error_not_a_traceback(tmp_path, data, message):
+    good = json.dumps({"id": "ok", "question": "q?", "reference": "r", "refer": False, "warn": False}).encode()
+    path = tmp_path / "set.jsonl"
+    path.write_bytes(data.replace(b"ok", good, 1) if not data.startswith(codecs.BOM_UTF16_LE) else data)
+    with pytest.raises(EvalSetError) as exc:
+        read_eval_set(path)
+    assert message in str(exc.value) and "fix:" in str(exc.value)
+
+
+def test_a_byte_order_mark_crlf_and_line_separators_inside_strings_are_read(tmp_path):
+    record = {"id": "a", "question": "Is it safe?\u2028Really?", "reference": "Call a vet.", "refer": True, "warn": False}
+    path = tmp_path / "set.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + json.dumps(record, ensure_ascii=False).encode() + b"\r\n\r\n")
+    [item] = read_eval_set(path)
+    assert item.question == "Is it safe?\u2028Really?"
 
 
 def test_a_recipe_may_not_evaluate_on_its_training_data():
