@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from rich.console import Console
 
 from chat_support import tiny_gguf
 from eval.eval_set import EvalItem
 from eval.gate import answer_set
 from eval.report import gate_comparison
 from runner.export.gguf_table import read_table
+from runner.cli.recipe import rerun_table
 from runner.export.stage_gguf import stage_gguf
 from runner.measure.report import served_gate, write_compare_report
 from runner.pipeline import train_recipe
@@ -112,6 +114,18 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("served", "base", "general"))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # `tunebook plan` says what a rerun would answer again: with other chat settings, only the chat sampler's answers
+    def plan_rows(sets=()):
+        console = Console(width=400, record=True)
+        console.print(rerun_table(load_recipe(recipe_file, list(sets)), None))
+        return [line for line in console.export_text().splitlines() if "gate: " in line]
+
+    assert all("reuse" in row for row in plan_rows()) and len(plan_rows()) == 3
+    served_row, base_row, general_row = plan_rows(["chat.temperature=0.3"])
+    assert "answer chat" in served_row and "changed: sampling; greedy answers kept from before" in served_row
+    assert "reuse" in base_row and "reuse" in general_row
+    assert "answer greedy, chat" in plan_rows(["stages.1.train.learning_rate=1e-3"])[0]  # vet trains again
+
     # the chat's settings changed (`chat:`): the stages and the export are kept, and only the served model answers
     # again, its chat answers drawn with them
     logs.clear()
@@ -129,6 +143,7 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     text = "\n".join(logs)
     assert "gate of served: greedy, chat answers were made from the same model and settings before" in text
     assert "evaluation questions answered by" not in text
+    assert "read kept answers" in plan_rows(["chat.temperature=0.3"])[0]  # both settings' answers are kept now
     assert json.loads(run.gate_file("served").read_text()) | {"seconds": 0} == served | {"seconds": 0}
 
     # a changed evaluation set is answered again; the export is kept

@@ -159,6 +159,7 @@ def rerun_table(recipe, ranks: int | None) -> Table | str:
     """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
     from ..run_dir import RunDir
     from ..train.fingerprint import stage_fingerprints
+    from ..measure.gate import plan_gate
     from ..train.rerun import plan_artifacts, plan_stages
 
     run = RunDir.of(recipe)
@@ -175,6 +176,12 @@ def rerun_table(recipe, ranks: int | None) -> Table | str:
     for step in steps:
         done = f" ({step.steps_done} steps)" if step.action in ("reuse", "resume") else ""
         table.add_row(f"stage {step.name}", step.action + done, step.fingerprint.digest, step.why)
-    for artifact in plan_artifacts(recipe, run, steps):
+    made = plan_artifacts(recipe, run, steps)
+    for artifact in made:
         table.add_row(artifact.label, artifact.action, "", artifact.why)
+    served_made = any(a.label.startswith("GGUF") and a.action != "reuse" for a in made)
+    planned = {step.name: (step.action, step.fingerprint.digest) for step in steps}
+    for model, action, why in plan_gate(recipe, run, planned, served_made):
+        label = {"served": "served GGUF", "base": "base model"}.get(model, f"after {model}")
+        table.add_row(f"gate: {label}", action, "", why)
     return table

@@ -72,10 +72,12 @@ def _common_inputs(recipe: Recipe, items: list[EvalItem], system_prompt: str | N
             "parallel": PARALLEL, "rules": rules_identity()}
 
 
-def stage_model_inputs(recipe: Recipe, run: RunDir, model: str) -> dict:
+def stage_model_inputs(recipe: Recipe, run: RunDir, model: str, versions: dict[str, str] | None = None) -> dict:
     """What the model after stage `model` (or the base) is made of: the base, that stage's outcome and adapter,
-    the template it answers with."""
-    stage = run.stage(recipe.stages[0].name if model == BASE else model)
+    the template it answers with. `versions`: the stage version to read (by fingerprint) instead of the one the
+    run links now."""
+    name = recipe.stages[0].name if model == BASE else model
+    stage = run.version(name, versions[name]) if versions and name in versions else run.stage(name)
     outcome = stage.outcome()
     adapter = Path(outcome.adapter) if outcome and outcome.adapter else None
     export = recipe.export
@@ -160,6 +162,43 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
         gate_cache.keep(kept, result)
         results[model] = result
     return results
+
+
+def plan_gate(recipe: Recipe, run: RunDir, stages: dict[str, tuple[str, str]], served_made: bool) -> list[tuple[str, str, str]]:
+    """(model, action, why) for each model the gate measures: what `tunebook train` would answer again.
+    `stages`: each stage's planned action and version; `served_made`: whether the served GGUF is made again."""
+    if recipe.eval is None or recipe.export is None:
+        return []
+    try:
+        items = load_eval_set(recipe)
+    except TunebookError as exc:
+        return [("evaluation gate", "cannot tell", str(exc).splitlines()[0])]
+    system_prompt = recipe.stages[-1].sources()[0].system_prompt
+    served = run.gguf(recipe.name, recipe.export.quants[0])
+    versions = {name: version for name, (_, version) in stages.items()}
+    order = [s.name for s in recipe.stages]
+    rows = []
+    for model, modes in [(SERVED, MODES)] + [(m, ("greedy",)) for m in gate_models(recipe)]:
+        upto = order if model == SERVED else [] if model == BASE else order[:order.index(model) + 1]
+        trained = [n for n in upto if stages[n][0] != "reuse"]
+        if trained or (model == SERVED and (served_made or not served.is_file())):
+            why = f"stage {trained[-1]} {stages[trained[-1]][0]}s" if trained else "the served GGUF is made again"
+            rows.append((model, "answer " + ", ".join(modes), why))
+            continue
+        inputs = _common_inputs(recipe, items, system_prompt, modes)
+        inputs["model"] = ([served.name, file_identity(served)] if model == SERVED
+                           else stage_model_inputs(recipe, run, model, versions))
+        why = run.stale_because(run.gate_file(model), inputs)
+        if why is None:
+            rows.append((model, "reuse", "made from this model and these settings"))
+        elif model == BASE and gate_cache.read(gate_cache.cache_file(recipe, inputs)) is not None:
+            rows.append((model, "read", f"{why}; measured on this machine before ($TUNEBOOK_CACHE/gate)"))
+        else:
+            kept = [m for m in modes if run.gate_kept(part_inputs(recipe, inputs, m)).is_file()]
+            todo = [m for m in modes if m not in kept]
+            rows.append((model, "answer " + ", ".join(todo) if todo else "read kept answers",
+                         why + (f"; {', '.join(kept)} answers kept from before" if kept else "")))
+    return rows
 
 
 def read_gate(recipe: Recipe, run: RunDir) -> dict[str, dict]:
