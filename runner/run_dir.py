@@ -293,7 +293,8 @@ class RunDir:
     def garbage(self, stages: list[str], old_versions: bool = False) -> list[Path]:
         """What no version needs: versions neither finished nor current (abandoned mid-training), the
         checkpoints and best-adapter copies of finished versions (kept for resuming only), leftovers of
-        interrupted writes; with `old_versions`, also finished versions the recipe no longer uses."""
+        interrupted writes, kept gate answers of models that are gone; with `old_versions`, also finished
+        versions the recipe no longer uses (and their kept gate answers)."""
         found: list[Path] = []
         for name in stages:
             current = self.current_version(name)
@@ -308,7 +309,29 @@ class RunDir:
                     found += [p for p in (version.checkpoints, version.best_adapter) if p.exists()]
                     found += [p for p in version.path.glob("*/output/checkpoint-*")]  # another backend's
         found += [p for p in self.path.glob(".*") if _leftover(p.name)]
+        found += self._stale_gate_parts(set(found))
         return found
+
+    def _stale_gate_parts(self, going: set[Path]) -> list[Path]:
+        """Kept gate answers whose model can never be measured again: a served GGUF rewritten since (its
+        identity is in the part's inputs), or a stage version that is gone or `going`."""
+        versions = {p.name.split(VERSION_MARK, 1)[1] for p in self.path.glob(f"*{VERSION_MARK}*")
+                    if p.is_dir() and not p.is_symlink() and p not in going}
+        stale = []
+        for part in sorted((self.gate_dir / "kept").glob("*.json")):
+            try:
+                model = json.loads(part.read_text())["inputs"]["model"]
+            except (OSError, ValueError, KeyError, TypeError):
+                stale.append(part)  # unreadable: it would be measured again anyway
+                continue
+            if isinstance(model, list):  # the served GGUF: [file name, identity]
+                alive = file_identity(self.path / model[0]) == model[1]
+            else:  # a stage's model (`after`: [stage fingerprint, adapter]) or the base (`after`: None)
+                after = model.get("after") if isinstance(model, dict) else None
+                alive = not after or after[0] in versions
+            if not alive:
+                stale.append(part)
+        return stale
 
     @staticmethod
     def size(path: Path) -> int:

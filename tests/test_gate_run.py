@@ -5,6 +5,8 @@ the machine."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 from rich.console import Console
@@ -190,3 +192,12 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert f"| {served_now['stopped']}/3 (" in rows[0] and "do not compare" not in section
     other = served_gate(twin_run)[0] | {"digest": "another set"}
     assert "do not compare" in gate_comparison(served_gate(run) + [other])
+
+    # `tunebook gc`: kept answers of a served GGUF that was rewritten since can never be read again; the others stay
+    kept = {p: json.loads(p.read_text())["inputs"]["model"] for p in (run.gate_dir / "kept").glob("*.json")}
+    served_parts = {p for p, model in kept.items() if isinstance(model, list)}
+    assert served_parts and len(served_parts) < len(kept)
+    assert not [p for p in run.garbage(["general", "vet"]) if "kept" in p.parts]
+    for name in {model[0] for model in map(kept.get, served_parts)}:
+        os.utime(run.path / name, ns=((run.path / name).stat().st_atime_ns, time.time_ns()))  # written again
+    assert {p for p in run.garbage(["general", "vet"]) if "kept" in p.parts} == served_parts

@@ -1,5 +1,6 @@
 """`tunebook gc`: delete what no stage version of a run needs (abandoned half-trained versions, checkpoints of
-finished ones, leftovers of interrupted writes); with --old-versions also the versions the recipe no longer uses."""
+finished ones, leftovers of interrupted writes, kept gate answers of models that are gone); with --old-versions also
+the versions the recipe no longer uses."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -141,8 +141,9 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
             continue
         start = time.perf_counter()
         label = {SERVED: "the served GGUF", BASE: "the base model"}.get(model, f"the model after {model}")
-        part_files = {part: run.gate_kept(part_inputs(recipe, inputs, part)) for part in (*modes, REFERENCE)}
-        parts = {part: gate_cache.read(path) for part, path in part_files.items()}
+        part_inputs_of = {part: part_inputs(recipe, inputs, part) for part in (*modes, REFERENCE)}
+        part_files = {part: run.gate_kept(made_of) for part, made_of in part_inputs_of.items()}
+        parts = {part: (gate_cache.read(path) or {}).get("result") for part, path in part_files.items()}
         reused = [part for part in modes if parts[part] is not None]
         if reused:
             log(f"gate of {model}: {', '.join(reused)} answers were made from the same model and settings before, "
@@ -154,7 +155,8 @@ def gate_run(recipe: Recipe, run: RunDir, served: Path, tokenizer, system_prompt
                 with (nullcontext(served) if model == SERVED else stage_model(model)) as gguf:
                     for part in missing:
                         parts[part] = measure_part(gguf, part, items, samples, recipe, system_prompt, label, log)
-                        gate_cache.keep(part_files[part], parts[part])
+                        # with its inputs, so `tunebook gc` can tell when its model is gone
+                        gate_cache.keep(part_files[part], {"inputs": part_inputs_of[part], "result": parts[part]})
             gguf_name = served.name if model == SERVED else run.gate_gguf(model, quant).name
             result = {"model": label, "gguf": gguf_name, "eval_set": Path(recipe.eval.data).name,
                       "questions": len(items), **parts, "seconds": round(time.perf_counter() - start, 1)}
