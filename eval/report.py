@@ -224,6 +224,12 @@ def _sampling_text(s: dict) -> str:
             f"repeat penalty {number_text(s['repeat_penalty'])}, seed {s['seed']}")
 
 
+def _gate_checks(g: dict) -> str:
+    """The check columns of one gate summary: stopped, referral, warning, forbidden, echo, loops."""
+    return (f"{_count(g['stopped'], g['questions'])} | {_count(g['referred'], g['refer_expected'])} | "
+            f"{_count(g['warned'], g['warn_expected'])} | {g['forbidden']} | {g['echo']} | {g['loops']}")
+
+
 def gate_rows(gate: dict[str, dict]) -> list[tuple[str, str, dict, float | None]]:
     """(model label, answering label, summary, reference ppl) for every model and mode the gate measured."""
     rows = []
@@ -254,10 +260,8 @@ def gate_section(gate: dict[str, dict], eval_set: str) -> str:
              "stages are measured greedy, through a GGUF exported the same way as the served one.", "",
              "| " + " | ".join(GATE_COLUMNS) + " |", "|" + "---|" * len(GATE_COLUMNS)]
     for label, mode, g, ppl in gate_rows(gate):
-        lines.append(f"| {label} | {mode} | {_count(g['stopped'], g['questions'])} | "
-                     f"{_count(g['referred'], g['refer_expected'])} | {_count(g['warned'], g['warn_expected'])} | "
-                     f"{g['forbidden']} | {g['echo']} | {g['loops']} | {g['words_median']:.0f} | "
-                     f"{g['tokens_mean']:.0f} | {_num(ppl, 2)} |")
+        lines.append(f"| {label} | {mode} | {_gate_checks(g)} | {g['words_median']:.0f} | {g['tokens_mean']:.0f} | "
+                     f"{_num(ppl, 2)} |")
     for mode in modes:
         failures = _gate_failures(served[mode])
         if failures:
@@ -331,9 +335,7 @@ def gate_comparison(entries: list[dict]) -> str:
                 continue
             g = result[mode]["summary"]
             way = SAMPLING_WORDS[mode] + ("" if mode == "greedy" else f" ({_sampling_text(result[mode]['sampling'])})")
-            lines.append(f"| {e['run']} | `{e['eval_set']}` | {way} | {_count(g['stopped'], g['questions'])} | "
-                         f"{_count(g['referred'], g['refer_expected'])} | {_count(g['warned'], g['warn_expected'])} | "
-                         f"{g['forbidden']} | {g['echo']} | {g['loops']} | {g['words_median']:.0f} | "
+            lines.append(f"| {e['run']} | `{e['eval_set']}` | {way} | {_gate_checks(g)} | {g['words_median']:.0f} | "
                          f"{_num(result['reference_ppl']['ppl'], 2)} |")
     sets = {(e["eval_set"], e["digest"]) for e in entries}
     note = ("Each run's served GGUF as its last `tunebook train` measured it, on questions written apart from its "

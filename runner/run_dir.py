@@ -206,6 +206,7 @@ class RunDir:
     space_folder = property(lambda self: self.path / "space")          # `tunebook space` writes here by default
 
     gate_dir = property(lambda self: self.path / "gate")
+    gate_kept_dir = property(lambda self: self.path / "gate" / "kept")  # every gate part measured, by its inputs
 
     def gate_file(self, model: str) -> Path:
         """The gate's answers and numbers for one model: `served` (the GGUF the chat serves), `base`, or a
@@ -217,7 +218,7 @@ class RunDir:
         it was made from: a rerun or a sweep that comes back to the same model and settings reads it instead of
         answering again."""
         key = hashlib.sha256(json.dumps(_canonical(inputs), sort_keys=True).encode()).hexdigest()[:24]
-        return self.gate_dir / "kept" / f"{key}.json"
+        return self.gate_kept_dir / f"{key}.json"
 
     def gate_gguf(self, model: str, quant: str) -> Path:
         """A stage's model exported only to be measured by the gate; removed once measured."""
@@ -318,7 +319,7 @@ class RunDir:
         versions = {p.name.split(VERSION_MARK, 1)[1] for p in self.path.glob(f"*{VERSION_MARK}*")
                     if p.is_dir() and not p.is_symlink() and p not in going}
         stale = []
-        for part in sorted((self.gate_dir / "kept").glob("*.json")):
+        for part in sorted(self.gate_kept_dir.glob("*.json")):
             try:
                 model = json.loads(part.read_text())["inputs"]["model"]
             except (OSError, ValueError, KeyError, TypeError):

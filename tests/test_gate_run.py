@@ -194,7 +194,7 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert "do not compare" in gate_comparison(served_gate(run) + [other])
 
     # `tunebook gc`: kept answers of a served GGUF that was rewritten since can never be read again; the others stay
-    kept = {p: json.loads(p.read_text())["inputs"]["model"] for p in (run.gate_dir / "kept").glob("*.json")}
+    kept = {p: json.loads(p.read_text())["inputs"]["model"] for p in run.gate_kept_dir.glob("*.json")}
     served_parts = {p for p, model in kept.items() if isinstance(model, list)}
     assert served_parts and len(served_parts) < len(kept)
     assert not [p for p in run.garbage(["general", "vet"]) if "kept" in p.parts]

@@ -141,7 +141,7 @@ def test_a_sweep_of_the_chat_settings_reuses_every_stage_and_picks_on_the_gate(t
     assert {n: st["action"] for n, st in second["stages"].items()} == {"general": "reuse", "vet": "reuse"}
     assert first["gate"]["greedy.stop_rate"] == second["gate"]["greedy.stop_rate"]  # greedy answers kept
     assert "gate of served: greedy answers were made from the same model and settings before" in err
-    chat = [json.loads(f.read_text())["result"] for f in (RunDir.of(load_recipe(path)).gate_dir / "kept").glob("*.json")]
+    chat = [json.loads(f.read_text())["result"] for f in (RunDir.of(load_recipe(path)).gate_kept_dir).glob("*.json")]
     chat = [c for c in chat if c.get("mode") == "chat"]  # drawn at 0.1, then at 1.6
     assert sorted(c["sampling"]["temperature"] for c in chat) == [0.1, 1.6]
     assert chat[0]["answers"] != chat[1]["answers"]

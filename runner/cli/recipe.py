@@ -157,9 +157,9 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
 
 def rerun_table(recipe, ranks: int | None) -> Table | str:
     """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
+    from ..measure.gate import plan_gate
     from ..run_dir import RunDir
     from ..train.fingerprint import stage_fingerprints
-    from ..measure.gate import plan_gate
     from ..train.rerun import plan_artifacts, plan_stages
 
     run = RunDir.of(recipe)

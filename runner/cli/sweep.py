@@ -54,7 +54,7 @@ def sweep(
         run = RunDir.of(recipe)
         before = plan_stages(recipe, run, stage_fingerprints(recipe))
         train_recipe(recipe, log=log_to_stderr, export=export)
-        records.append(variant_record(recipe, run, sets, before, gate=export and recipe.eval is not None))
+        records.append(variant_record(recipe, run, sets, before, gate=export and recipe.eval is not None and recipe.export is not None))
         report, chosen = write_sweep_report(recipe_path, records, swept(set_ or []), goal, folder)
     for i, record in enumerate(records):
         done = ", ".join(f"{name} {trained_text(st)}" for name, st in record["stages"].items())

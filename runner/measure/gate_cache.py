@@ -4,7 +4,8 @@ the quickstart. Kept in $TUNEBOOK_CACHE/gate/, keyed by everything the answers d
 as the run records them, what the base model is (a package's version or a local folder's files), and the
 llama.cpp that answered (its version and the CPU kernels it loaded: batched sums differ between kernels).
 
-A base named by a hub id is never kept: its revision can change under the same name."""
+A base named by a hub id is never kept: its revision can change under the same name. `read` and `keep` also serve
+the run's own kept gate parts (runs/<name>/gate/kept/, runner/measure/gate.py)."""
 from __future__ import annotations
 
 import hashlib
