@@ -8,7 +8,8 @@ import shlex
 import pytest
 
 from runner.errors import RecipeError, TunebookError
-from runner.measure.sweep import Goal, choose, parse_goal, set_options, short_value, within, write_sweep_report
+from runner.measure.sweep import (Goal, choose, parse_goal, set_options, short_value, tied_with, within,
+                                  write_sweep_report)
 from runner.recipe import load_recipe
 from runner.recipe.grid import expand_grid, split_values, swept
 from runner.run_dir import RunDir
@@ -84,6 +85,21 @@ def test_floors_and_gate_numbers_decide_the_choice():
     assert choose(variants, goal) == 1 and not within(variants[3], goal)  # a variant never measured meets no bound
     goal.floors = [("gate", "greedy.stop_rate", 0.99)]
     assert choose(variants, goal) is None
+
+
+def test_a_tie_on_the_objective_is_said(tmp_path):
+    def variant(temperature, warning, forbidden):
+        return {"sets": [f"chat.temperature={temperature}"], "stages": {}, "forgetting": None,
+                "gate": {"chat.warning_rate": warning, "chat.forbidden": forbidden}}
+
+    variants = [variant(0.2, 0.8, 0), variant(0.4, 0.9, 0), variant(0.7, 0.9, 0), variant(1.0, 0.9, 3)]
+    goal = Goal(("gate", "chat.warning_rate"), maximize=True, bounds=[("gate", "chat.forbidden", 0.0)])
+    assert choose(variants, goal) == 1 and tied_with(variants, goal, 1) == [2]  # variant 4 is out of bounds
+    report, chosen = write_sweep_report(tmp_path / "r.yaml", variants, ["chat.temperature"], goal, tmp_path)
+    assert chosen == 1 and "Variant 3 ties with it on gate.chat.warning_rate" in report.read_text()
+    variants[2]["gate"]["chat.warning_rate"] = 0.85
+    report, _ = write_sweep_report(tmp_path / "r.yaml", variants, ["chat.temperature"], goal, tmp_path)
+    assert "with it on" not in report.read_text()
 
 
 def test_choose_honours_the_bounds_and_the_direction():

@@ -34,7 +34,7 @@ def sweep(
     best variant by --objective within the --max and --min bounds. A gate metric exports every variant and has it
     answer the recipe's evaluation set (a variant that changes only `chat:` answers only with the chat's sampler
     again)."""
-    from ..measure.sweep import parse_goal, set_options, shown, trained_text, variant_record, write_sweep_report
+    from ..measure.sweep import parse_goal, set_options, shown, tied_with, trained_text, variant_record, write_sweep_report
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
     from ..recipe.grid import expand_grid, swept
@@ -63,5 +63,7 @@ def sweep(
         out.print(f"no variant meets the bounds; comparison: {report}", highlight=False, soft_wrap=True)
         return
     sets = set_options(records[chosen]["sets"])
-    out.print(f"chosen: variant {chosen + 1} ({goal.name} {shown(records[chosen], goal.name)}); comparison: {report}\n"
+    tied = tied_with(records, goal, chosen)
+    tie = f", tied with variant{'s' if len(tied) > 1 else ''} {', '.join(str(i + 1) for i in tied)}" if tied else ""
+    out.print(f"chosen: variant {chosen + 1} ({goal.name} {shown(records[chosen], goal.name)}{tie}); comparison: {report}\n"
               f"export it: tunebook train {recipe_path} {sets}", highlight=False, soft_wrap=True)

@@ -39,7 +39,8 @@ def stage_gguf(recipe: Recipe, run: RunDir, model: str, log=print) -> Iterator[P
     merged, out = run.gate_merged(model), run.gate_gguf(model, quant)
     try:
         merge_adapters(recipe, adapters, tokenizer_from, merged, log)
-        log(f"writing {out} ({quant}, only for the evaluation gate)")
+        log(f"the {'base model' if model == BASE else f'model after {model}'} as {quant}, only for the evaluation "
+            "gate (removed afterwards)")
         write_type(recipe, merged, out, quant, run.gate_quantize_source(model), log)
         shutil.rmtree(merged, ignore_errors=True)
         yield out

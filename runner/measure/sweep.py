@@ -179,6 +179,14 @@ def choose(variants: list[dict], goal: Goal) -> int | None:
     return pick(fits, key=lambda i: metric_value(variants[i], *goal.objective))
 
 
+def tied_with(variants: list[dict], goal: Goal, chosen: int) -> list[int]:
+    """The other variants within the bounds whose objective equals the chosen one's (rates over the same few
+    dozen questions tie often)."""
+    best = metric_value(variants[chosen], *goal.objective)
+    return [i for i, v in enumerate(variants) if i != chosen and within(v, goal)
+            and metric_value(v, *goal.objective) == best]
+
+
 def within(variant: dict, goal: Goal) -> bool:
     """The variant meets every bound and floor (a number it lacks meets none)."""
     def ok(value, op: str, limit: float) -> bool:
@@ -253,6 +261,11 @@ def write_sweep_report(recipe_path: Path, variants: list[dict], keys: list[str],
                    f"{len(variants)} variants{' within ' + bounds if bounds else ''}. To export it and check it, "
                    f"run `tunebook train {recipe_path} {sets}`: every stage is reused, then the export, the quality "
                    f"checks and the report are made.")
+        tied = tied_with(variants, goal, chosen)
+        if tied:
+            verdict += (f" Variant{'s' if len(tied) > 1 else ''} {', '.join(str(i + 1) for i in tied)} "
+                        f"{'tie' if len(tied) > 1 else 'ties'} with it on {goal.name}; the first listed is chosen: "
+                        "compare their other columns, or answer more questions, before trusting the difference.")
     curves, images = _curve_rows(variants), {}
     for stage in stage_names:
         images.update(plot_curves([r for r in curves if r.stage == stage], prefix=f"{stage}-"))
