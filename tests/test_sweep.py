@@ -3,6 +3,7 @@ objective picks within the bounds; on the tiny two-stage recipe."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 
 import pytest
@@ -69,6 +70,10 @@ def test_gate_metrics_need_an_evaluation_set_and_an_export(tmp_path):
                                ("gate.sampled.stop_rate", "MODE greedy or chat")):
         with pytest.raises(TunebookError, match=message):
             parse_goal(objective, [], True, recipe)
+    for floor, message in (("gate.greedy.stop_rate=90", "a rate is a fraction from 0 to 1"),
+                           ("gate.greedy.stop_rate=nan", "the limit must be a number")):
+        with pytest.raises(TunebookError, match=message):
+            parse_goal("gate.chat.warning_rate", [], True, recipe, [floor])
 
 
 def test_floors_and_gate_numbers_decide_the_choice():
@@ -85,6 +90,12 @@ def test_floors_and_gate_numbers_decide_the_choice():
     assert choose(variants, goal) == 1 and not within(variants[3], goal)  # a variant never measured meets no bound
     goal.floors = [("gate", "greedy.stop_rate", 0.99)]
     assert choose(variants, goal) is None
+    # a rate over no expected answers is NaN: not a measurement, never chosen, whichever way and order
+    nan = [variant(math.nan, 0.95, 0), variant(0.5, 0.95, 0), variant(0.9, 0.95, 0)]
+    for maximize, best in ((True, 2), (False, 1)):
+        assert choose(nan, Goal(("gate", "chat.warning_rate"), maximize=maximize)) == best
+        assert choose(nan[::-1], Goal(("gate", "chat.warning_rate"), maximize=maximize)) == 2 - best
+    assert choose(nan[:1], Goal(("gate", "chat.warning_rate"), maximize=True)) is None
 
 
 def test_a_tie_on_the_objective_is_said(tmp_path):

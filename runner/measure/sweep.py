@@ -5,6 +5,7 @@ within their bounds; the comparison (sweep.json, report.md and curves), rendered
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,11 +100,18 @@ def parse_goal(objective: str, bounds: list[str], maximize: bool, recipe: Recipe
         found = []
         for bound in texts:
             key, _, raw = bound.partition("=")
+            stage, name = metric(key.strip(), option)
             try:
-                found.append((*metric(key.strip(), option), float(raw)))
+                limit = float(raw)
             except ValueError:
+                limit = math.nan
+            if not math.isfinite(limit):
                 raise TunebookError(f"{option} {bound}: the limit must be a number\n"
-                                    f"    fix: e.g. {option} general.forgetting=0.05") from None
+                                    f"    fix: e.g. {option} general.forgetting=0.05")
+            if name.endswith("_rate") and not 0 <= limit <= 1:
+                raise TunebookError(f"{option} {bound}: a rate is a fraction from 0 to 1 (the report shows it as a "
+                                    f"percentage)\n    fix: e.g. {option} {key.strip()}=0.9 for 90%")
+            found.append((stage, name, limit))
         return found
 
     return Goal(metric(objective, "--objective"), maximize, limits(bounds, "--max"), limits(floors or [], "--min"))
@@ -115,18 +123,24 @@ def gate_numbers(run: RunDir) -> dict:
     if not path.is_file():
         return {}
     gate = json.loads(path.read_text())
-    numbers = {f"{mode}.{name}": gate[mode]["summary"].get(name) for mode in MODES if mode in gate
+    numbers = {f"{mode}.{name}": _finite(gate[mode]["summary"].get(name)) for mode in MODES if mode in gate
                for name in GATE_METRICS}
-    numbers[REFERENCE] = gate.get(REFERENCE, {}).get("ppl")
+    numbers[REFERENCE] = _finite(gate.get(REFERENCE, {}).get("ppl"))
     numbers["eval_set"] = (run.made_from(path) or {}).get("eval_set")  # the set's content digest
     return numbers
 
 
+def _finite(value):
+    """A number, or None for one that is not (a rate over no expected answers is NaN): sweep.json stays JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def metric_value(variant: dict, stage: str, name: str):
-    """A variant's number for (stage, metric) or ("gate", "mode.metric"); None when it was not measured."""
+    """A variant's number for (stage, metric) or ("gate", "mode.metric"); None when it was not measured, or is not
+    a number (NaN: no question of the set expects a referral, say), so it is never chosen or within a bound."""
     if stage == GATE and stage not in variant["stages"]:
-        return (variant.get("gate") or {}).get(name)
-    return variant["stages"].get(stage, {}).get("metrics", {}).get(name)
+        return _finite((variant.get("gate") or {}).get(name))
+    return _finite(variant["stages"].get(stage, {}).get("metrics", {}).get(name))
 
 
 def _kept_eval(evals: list[dict], kept: str) -> dict | None:
