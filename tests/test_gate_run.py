@@ -127,6 +127,8 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     assert "answer chat" in served_row and "changed: sampling; greedy answers kept from before" in served_row
     assert "reuse" in base_row and "reuse" in general_row
     assert "answer greedy, chat" in plan_rows(["stages.1.train.learning_rate=1e-3"])[0]  # vet trains again
+    _, base_row, general_row = plan_rows(["stages.0.train.learning_rate=1e-3"])  # general trains again: the base
+    assert "reuse" in base_row and "answer greedy" in general_row                # model is the same
 
     # the chat's settings changed (`chat:`): the stages and the export are kept, and only the served model answers
     # again, its chat answers drawn with them
@@ -159,6 +161,12 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     # another exported type leaves the served one as it was: base and general are not measured again
     recipe_file.write_text(recipe_file.read_text().replace("export: {quantization: q8_0}",
                                                            "export: {quantization: [q8_0, q4_k_m]}"))
+    assert all("reuse" in row for row in plan_rows())  # the new type is made; the served one is not
+    good = (tmp_path / "eval.jsonl").read_text()
+    (tmp_path / "eval.jsonl").write_text("not json\n")
+    [row] = plan_rows()
+    assert "gate: evaluation set" in row and "cannot tell" in row and "eval.jsonl:1: not valid JSON" in row
+    (tmp_path / "eval.jsonl").write_text(good)
     logs.clear()
     train_recipe(load_recipe(recipe_file), log=logs.append)
     assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("base", "general"))

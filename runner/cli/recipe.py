@@ -157,7 +157,7 @@ def plan(recipe_path: RecipeArg, set_: SetOpt = None,
 
 def rerun_table(recipe, ranks: int | None) -> Table | str:
     """Per stage and per artifact: what `tunebook train` would do in the run directory, and why."""
-    from ..measure.gate import plan_gate
+    from ..measure.gate import GATE_SET, plan_gate
     from ..run_dir import RunDir
     from ..train.fingerprint import stage_fingerprints
     from ..train.rerun import plan_artifacts, plan_stages
@@ -179,9 +179,10 @@ def rerun_table(recipe, ranks: int | None) -> Table | str:
     made = plan_artifacts(recipe, run, steps)
     for artifact in made:
         table.add_row(artifact.label, artifact.action, "", artifact.why)
-    served_made = any(a.label.startswith("GGUF") and a.action != "reuse" for a in made)
+    served = run.gguf(recipe.name, recipe.export.quants[0]) if recipe.export else None  # another type is not served
+    served_made = any(a.path == served and a.action != "reuse" for a in made)
     planned = {step.name: (step.action, step.fingerprint.digest) for step in steps}
     for model, action, why in plan_gate(recipe, run, planned, served_made):
-        label = {"served": "served GGUF", "base": "base model"}.get(model, f"after {model}")
+        label = {"served": "served GGUF", "base": "base model", GATE_SET: "evaluation set"}.get(model, f"after {model}")
         table.add_row(f"gate: {label}", action, "", why)
     return table

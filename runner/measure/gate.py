@@ -30,6 +30,7 @@ from . import gate_cache
 
 SERVED = "served"
 BASE = "base"
+GATE_SET = "evaluation set"  # plan_gate's row when the set cannot be read
 
 
 def load_eval_set(recipe: Recipe) -> list[EvalItem]:
@@ -78,6 +79,8 @@ def stage_model_inputs(recipe: Recipe, run: RunDir, model: str, versions: dict[s
     run links now."""
     name = recipe.stages[0].name if model == BASE else model
     stage = run.version(name, versions[name]) if versions and name in versions else run.stage(name)
+    if model == BASE and stage.outcome() is None:  # the first stage trains again: the base answers with the
+        stage = run.stage(name)                     # template its adapter writes, the same as the current one's
     outcome = stage.outcome()
     adapter = Path(outcome.adapter) if outcome and outcome.adapter else None
     export = recipe.export
@@ -174,7 +177,7 @@ def plan_gate(recipe: Recipe, run: RunDir, stages: dict[str, tuple[str, str]], s
     try:
         items = load_eval_set(recipe)
     except TunebookError as exc:
-        return [("evaluation gate", "cannot tell", str(exc).splitlines()[0])]
+        return [(GATE_SET, "cannot tell", str(exc).splitlines()[0])]
     system_prompt = recipe.stages[-1].sources()[0].system_prompt
     served = run.gguf(recipe.name, recipe.export.quants[0])
     versions = {name: version for name, (_, version) in stages.items()}
@@ -198,8 +201,10 @@ def plan_gate(recipe: Recipe, run: RunDir, stages: dict[str, tuple[str, str]], s
         else:
             kept = [m for m in modes if run.gate_kept(part_inputs(recipe, inputs, m)).is_file()]
             todo = [m for m in modes if m not in kept]
-            rows.append((model, "answer " + ", ".join(todo) if todo else "read kept answers",
-                         why + (f"; {', '.join(kept)} answers kept from before" if kept else "")))
+            scored = run.gate_kept(part_inputs(recipe, inputs, REFERENCE)).is_file()
+            action = ("answer " + ", ".join(todo) if todo else "read kept answers" if scored
+                      else "score reference answers")
+            rows.append((model, action, why + (f"; {', '.join(kept)} answers kept from before" if kept else "")))
     return rows
 
 
