@@ -93,7 +93,8 @@ def _lines(path: Path) -> list[tuple[int, str]]:
                            "    fix: point eval.data at a JSON Lines file of questions") from None
     if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) \
             or b"\x00" in data[:4096]:
-        raise EvalSetError(f"{path}: the file is UTF-16 or UTF-32 text\n    fix: save it as UTF-8")
+        raise EvalSetError(f"{path}: the file holds NUL bytes: UTF-16 or UTF-32 text, or not text at all\n"
+                           "    fix: save it as UTF-8 text")
     lines = []
     for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
         try:
@@ -120,6 +121,11 @@ def read_eval_set(path: Path | str) -> list[EvalItem]:
         except RecursionError:
             raise EvalSetError(f"{where}: nested too deep to be a question\n"
                                "    fix: one JSON object per line, as eval/eval_set.py shows") from None
+        try:  # "\ud800" is valid JSON but no text: a tokenizer or report.md would fail on it later
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EvalSetError(f"{where}: a lone surrogate escape ({exc.object[exc.start]!r}) is not a character\n"
+                               "    fix: write the character itself, or both halves of its surrogate pair") from None
         item = _item(record, where)
         if item.id in seen:
             raise EvalSetError(f"{where}: id {item.id!r} is also on line {seen[item.id]}\n"

@@ -119,6 +119,8 @@ def test_every_reference_answer_passes_the_checks_it_sets():
     ('{"id": "a", "question": "q?", "reference": "r", "refer": true, "warn": false, "answer": "x"}',
      "unknown key 'answer'"),
     ('{"id": "a", "question": "q?"', "not valid JSON"),
+    ('{"id": "a", "question": "Is it \\ud800 safe?", "reference": "r", "refer": false, "warn": false}',
+     "a lone surrogate escape ('\\ud800') is not a character"),
 ])
 def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):
     good = json.dumps({"id": "ok", "question": "q?", "reference": "r", "refer": False, "warn": False})
@@ -132,6 +134,7 @@ def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):
 @pytest.mark.parametrize("data, message", [
     ("ok\n".encode() + '{"q": "Gr\u00e9pes?"}\n'.encode("latin-1"), ":2: not UTF-8 text (byte 10 of the line)"),
     ('ok\n{"id": "a"}\n'.encode("utf-16"), "UTF-16 or UTF-32 text"),
+    (b'ok\n{"id": "a\x00"}\n', "NUL bytes"),
     (b'ok\n{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":2: nested too deep"),
 ])
 def test_a_file_that_is_not_json_lines_text_is_an_error_not_a_traceback(tmp_path, data, message):
