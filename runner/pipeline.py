@@ -67,6 +67,7 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
     """Run the recipe's stages (or one of them), then make what is made from them (without the export and its
     checks when `export` is false); return the outcomes."""
     from .data.prepare import prepare_stage
+    from .measure.gate import load_eval_set
     from .model.base import load_tokenizer
     from .model.load import check_fits, check_quantization, model_source, resolve_dtype, trainable_token_ids
     from .share.track import check_trackers, track
@@ -89,6 +90,8 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     trainable_token_ids(recipe.lora, tokenizer)  # a misspelled token fails now, not after the base is loaded
+    if export and recipe.eval is not None and recipe.export is not None:
+        load_eval_set(recipe)  # a bad line of the evaluation set fails now, not after the training and the export
 
     with main_process_first():
         select_versions(recipe, run, log)  # each stage's fingerprint: reuse, resume or train

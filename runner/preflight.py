@@ -68,9 +68,23 @@ def preflight(recipe: Recipe, located: Located, hub_unreachable=None) -> Preflig
                 continue
             if source.kind == "hub":
                 hub_ids.append((path, item.source, "dataset"))
+    _check_eval_set(recipe, problem)
     _check_hub(hub_ids, problem, result.notes, hub_unreachable or unreachable)
     _check_output(recipe, model_ref, problem, result.notes)
     return result
+
+
+def _check_eval_set(recipe: Recipe, problem) -> None:
+    """Every line of the evaluation set read now: a bad one fails here, not after the training and the export."""
+    from eval.eval_set import EvalSetError, read_eval_set
+
+    path = recipe.local_path(recipe.eval.data) if recipe.eval is not None else None
+    if path is None:  # no eval:, or a missing file (the schema's error)
+        return
+    try:
+        read_eval_set(path)
+    except EvalSetError as exc:
+        problem(("eval", "data"), str(exc))
 
 
 # ------------------------------------------------------------------------------------------- model, template

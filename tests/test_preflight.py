@@ -69,6 +69,23 @@ def test_a_template_file_that_does_not_parse_names_its_line(tmp_path, base):
     assert "bad.jinja:2: the chat template does not parse" in problem.message
 
 
+def test_an_evaluation_set_with_a_bad_line_fails_before_any_training(tmp_path, base):
+    chat_data(tmp_path / "d.jsonl", 4)
+    good = '{"id": "a", "question": "q?", "reference": "r", "refer": false, "warn": false}'
+    (tmp_path / "eval.jsonl").write_text(good + "\n" + good.replace("false}", "maybe}") + "\n")
+    path, found = check(tmp_path, recipe_text(base, extra="export: {quantization: q8_0}\n        eval: {data: eval.jsonl}"))
+    [problem] = found.problems
+    assert (problem.loc.source, problem.loc.line) == (str(path), 10)
+    assert "eval.jsonl:2: not valid JSON" in problem.message and "one JSON object per line" in problem.fix
+    from runner.errors import TunebookError
+    from runner.pipeline import train_recipe
+    from runner.recipe import load_recipe
+
+    with pytest.raises(TunebookError, match="eval.jsonl:2: not valid JSON"):  # train, without the preflight
+        train_recipe(load_recipe(path))
+    assert not list((tmp_path / "runs").rglob("adapter_model.safetensors"))
+
+
 def test_an_output_folder_that_cannot_be_written(tmp_path, base):
     chat_data(tmp_path / "d.jsonl", 4)
     (tmp_path / "afile").write_text("")
