@@ -77,6 +77,13 @@ def test_set_values_are_bounded_too():
         parse_set("lora=" + "{" + BOMB.replace("\n", ", ") + "}")
 
 
+def test_a_number_of_thousands_of_digits_is_an_error_not_a_traceback(write):
+    digits = "1" + "0" * 5000
+    assert "a number of 5,001 digits is too long to read" in problem_of(write("r.yaml", MINIMAL + f"seed: {digits}\n")).message
+    with pytest.raises(RecipeError, match="5,001 digits is too long to read"):
+        parse_set(f"lora.r={digits}")
+
+
 # --------------------------------------------------------------------------------------------------- data
 
 OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -92,6 +99,7 @@ def read(path, policy):
     ("deep.jsonl", f"{LINE}\n{'[' * 100_000}{']' * 100_000}\n{LINE}\n", 2, "deep.jsonl:2: not usable JSON (nested too deep"),
     ("deep.json", f"[{LINE}, {'[' * 100_000}{']' * 100_000}, {LINE}]", 2, "deep.json:1: not usable JSON (nested too deep"),
     ("types.jsonl", f"[1]\n2\n\"x\"\nnull\n{LINE}\n", 1, "types.jsonl:1: not a JSON object (it is a list)"),
+    ("digits.jsonl", f"{LINE}\n{{\"n\": 1{'0' * 5000}}}\n", 1, "digits.jsonl:2: not usable JSON (a number of thousands"),
     ("cut.jsonl", f"{LINE}\n{LINE[:20]}", 1, "cut.jsonl:2: not valid JSON"),
     ("empty.jsonl", "", 0, "empty.jsonl: the file is empty"),
     ("blank.jsonl", " \n\t\r\n\n", 0, "blank.jsonl: the file is empty"),
@@ -154,3 +162,24 @@ def test_a_folder_of_mixed_files_keeps_every_valid_record(tmp_path):
                                                    "the file is UTF-16"}
     with pytest.raises(TunebookError, match=r"mixed/a\.jsonl:2: not valid JSON"):
         read(folder, "error")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"hello, not a model\n", "is not a GGUF file"),
+    (b"", "is not a GGUF file"),
+    (None, "its tokenizer cannot be read"),  # a real GGUF cut off after 1,000 bytes
+])
+def test_eval_of_a_file_that_is_no_whole_gguf_is_an_error(tmp_path, content, says):
+    from chat_support import tiny_gguf
+
+    from runner.measure.evaluate import evaluate_target
+
+    path = tmp_path / "model.gguf"
+    if content is None:
+        content = tiny_gguf("llama").read_bytes()[:1000]
+    path.write_bytes(content)
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                      '{"role": "assistant", "content": "hello"}]}\n')
+    with pytest.raises(TunebookError, match=says) as caught:
+        evaluate_target(path, data=str(tmp_path / "d.jsonl"))
+    assert "fix:" in str(caught.value)

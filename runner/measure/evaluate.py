@@ -98,6 +98,13 @@ def evaluate_target(target: Path, recipe_path: Path | None = None, stage: str | 
             raise TunebookError(f"--quant {quant} picks among a run's GGUFs, but {target} is not a run directory\n"
                                 "    fix: pass the run directory, or the .gguf file itself without --quant")
         target, kind = RunDir(target).find_gguf(quant), "gguf"
+    if kind == "gguf":
+        from chat.engine import ChatError, check_gguf
+
+        try:
+            check_gguf(target)
+        except ChatError as exc:
+            raise TunebookError(f"{exc}\n    fix: pass a GGUF written by `tunebook export` (or its run directory)") from None
     tok_dir = tokenizer_dir(target, kind)
     if tok_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -109,7 +116,12 @@ def evaluate_target(target: Path, recipe_path: Path | None = None, stage: str | 
 
         tokenizer = load_tokenizer(recipe.model)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(target.parent, gguf_file=target.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target.parent, gguf_file=target.name)
+        except Exception as exc:  # the file's own parser: a cut-off file fails anywhere in it
+            raise TunebookError(f"{target}: its tokenizer cannot be read ({type(exc).__name__}: {exc})\n"
+                                "    fix: check that the file is complete (a cut-off copy or download?), or export "
+                                "it again") from None
     examples, what = examples_for(recipe, stage, data, tokenizer, log)
     if kind == "gguf":
         result: EvalResult = evaluate_gguf(target, examples)
