@@ -20,6 +20,9 @@ def tunebook(*args):
     (["validate", "--sett", "a=1", "recipes/quickstart.yaml"], "No such option: --sett"),
     (["plan"], "Missing argument"),
     (["plan", "recipes/quickstart.yaml", "--ranks", "two"], "Invalid value for '--ranks'"),
+    (["plan", "recipes/quickstart.yaml", "--ranks", "0"], "Invalid value for '--ranks'"),
+    (["serve", "model.gguf", "--port", "99999"], "Invalid value for '--port'"),
+    (["chat", "model.gguf", "--port", "-1"], "Invalid value for '--port'"),
 ])
 def test_usage_errors_exit_2_as_typer_shows_them(args, says):
     res = tunebook(*args)

@@ -16,7 +16,7 @@ def chat(
     target: Annotated[Path | None, typer.Argument(help="Run directory or .gguf file (default: the newest run with a GGUF).",
                                                   show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
     quant: Annotated[str | None, typer.Option(help="Which of the run's GGUFs (q8_0, q4_k_m, ...; default: the "
                                               "recipe's first export type).")] = None,
     parallel: Annotated[int, typer.Option(min=1, help="Conversations decoded together; more wait in line.")] = DEFAULT_PARALLEL,

@@ -84,7 +84,7 @@ def measured_mixes(recipe) -> dict:
 
 def plan(recipe_path: RecipeArg, set_: SetOpt = None,
          ranks: Annotated[int | None, typer.Option(help="Ranks to plan for (default: the profile's processes, else "
-                                                        "this launch's world size).")] = None,
+                                                        "this launch's world size).", min=1)] = None,
          profile: Annotated[Path | None, typer.Option(help="An accelerate launch profile (recipes/accelerate/*.yaml) "
                                                           "to check the recipe against.", show_default=False)] = None,
          data: Annotated[bool, typer.Option("--data/--no-data", help="Tokenize each stage's data (cached) and show "

@@ -16,7 +16,7 @@ def serve(
     target: Annotated[Path | None, typer.Argument(help="Run directory or .gguf file (default: the newest run with a GGUF).",
                                                   show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on. Any but loopback needs an API key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option(help="Key clients must send (Authorization: Bearer KEY); "
                                                      "default $TUNEBOOK_API_KEY.", show_default=False)] = None,
     quant: Annotated[str | None, typer.Option(help="Which export of the run (default: the recipe's first export type).",
