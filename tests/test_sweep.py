@@ -27,6 +27,10 @@ def test_grid_is_every_combination_and_keeps_commas_inside_values():
         expand_grid(["a=1,,2"])
     with pytest.raises(RecipeError, match="KEY.PATH=VALUE"):
         expand_grid(["no-equals"])
+    with pytest.raises(RecipeError, match="this key is set twice in the sweep"):
+        expand_grid(["lora.r=4,8", "lora.r=16"])
+    with pytest.raises(RecipeError, match="1,000 variants"):
+        expand_grid([f"k{i}=" + ",".join(map(str, range(10))) for i in range(3)])
 
 
 def test_a_swept_data_section_reads_short_in_the_table_and_its_command_pastes_into_a_shell():
@@ -96,6 +100,16 @@ def test_floors_and_gate_numbers_decide_the_choice():
         assert choose(nan, Goal(("gate", "chat.warning_rate"), maximize=maximize)) == best
         assert choose(nan[::-1], Goal(("gate", "chat.warning_rate"), maximize=maximize)) == 2 - best
     assert choose(nan[:1], Goal(("gate", "chat.warning_rate"), maximize=True)) is None
+
+
+def test_every_variant_must_have_what_the_objective_names(tmp_path):
+    from runner.cli.sweep import sweep
+
+    path = two_stage_recipe(tmp_path, name="renamed")
+    with pytest.raises(TunebookError, match=r"variant 2 \(stages.1.name=other\): --objective vet.eval_ppl"):
+        sweep(path, set_=["stages.1.name=vet,other"], objective="vet.eval_ppl", max_=None, maximize=False,
+              export=False, out_dir=None)
+    assert not (tmp_path / "runs").exists()  # refused before anything trained
 
 
 def test_a_tie_on_the_objective_is_said(tmp_path):

@@ -34,6 +34,7 @@ def sweep(
     best variant by --objective within the --max and --min bounds. A gate metric exports every variant and has it
     answer the recipe's evaluation set (a variant that changes only `chat:` answers only with the chat's sampler
     again)."""
+    from ..errors import TunebookError
     from ..measure.sweep import parse_goal, set_options, shown, tied_with, trained_text, variant_record, write_sweep_report
     from ..pipeline import train_recipe
     from ..recipe import load_recipe
@@ -45,6 +46,11 @@ def sweep(
     variants = expand_grid(set_ or [])
     recipes = [load_recipe(recipe_path, sets) for sets in variants]  # every variant valid before anything trains
     goal = parse_goal(objective, max_ or [], maximize, recipes[0], min_ or [])
+    for i, (sets, recipe) in enumerate(zip(variants[1:], recipes[1:]), 2):  # `--set stages.0.name=a,b` renames one
+        try:
+            parse_goal(objective, max_ or [], maximize, recipe, min_ or [])
+        except TunebookError as exc:
+            raise TunebookError(f"variant {i} ({' '.join(sets)}): {exc}") from None
     export = export or goal.needs_gate
     folder = out_dir or RunDir.of(recipes[0]).sweep_dir
     records = []
