@@ -66,6 +66,24 @@ def test_plan_refuses_a_recipe_the_launch_cannot_run(profile, overrides, message
     assert message in " ".join(res.stderr.split()) and "fix:" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("change, says", [
+    (("num_processes: 2", "num_processes: -2"), "num_processes: expected a whole number of at least 1, got -2"),
+    (("num_processes: 2", "num_processes: abc"), "num_processes: expected a whole number of at least 1, got 'abc'"),
+    (("num_machines: 1", "num_machines: 4"), "2 processes do not divide evenly over 4 machines"),
+    (("machine_rank: 0", "machine_rank: 7"), "machine_rank: machine rank 7 on 1 machine"),
+    (("mixed_precision: bf16", "mixed_precision: bogus"), "unknown mixed precision 'bogus'"),
+    (("fsdp_version: 2", "fsdp_version: 7"), "fsdp_config.fsdp_version: FSDP version 7"),
+])
+def test_a_profile_value_a_launch_cannot_use_is_named(tmp_path, change, says):
+    text = (RECIPES / "accelerate/fsdp.yaml").read_text()
+    assert change[0] in text
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(text.replace(*change))
+    with pytest.raises(TunebookError, match="invalid launch profile") as caught:
+        read_profile(bad)
+    assert says in str(caught.value) and "fix:" in str(caught.value)
+
+
 def test_a_misspelled_profile_key_is_named_with_its_line(tmp_path):
     text = (RECIPES / "accelerate/fsdp.yaml").read_text().replace("fsdp_state_dict_type:", "fsdp_state_dict_typ:")
     bad = tmp_path / "mine.yaml"

@@ -65,6 +65,54 @@ def _launch_options() -> set[str]:
     return {action.dest for action in launch_command_parser()._actions}
 
 
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+
+
+def _bad_values(data: dict, locs: dict, path: Path) -> list[Problem]:
+    """Values accelerate's loader takes as they are but a launch cannot use (or would describe falsely)."""
+    problems = []
+
+    def bad(keys: tuple, message: str, fix: str) -> None:
+        problems.append(Problem(locs.get(keys, Loc(str(path))), ".".join(keys), message, fix))
+
+    def whole(keys: tuple, value, low: int) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            bad(keys, f"expected a whole number of at least {low}, got {value!r}", f"e.g. {keys[-1]}: {max(low, 1)}")
+            return None
+        return value
+
+    machines = whole(("num_machines",), data.get("num_machines"), 1)
+    processes = whole(("num_processes",), data.get("num_processes"), 1)
+    rank = whole(("machine_rank",), data.get("machine_rank"), 0)
+    if machines and processes and processes % machines:
+        bad(("num_processes",), f"{processes} processes do not divide evenly over {machines} machines",
+            "num_processes counts every machine's processes together: a multiple of num_machines")
+    if machines and rank is not None and rank >= machines:
+        bad(("machine_rank",), f"machine rank {rank} on {machines} machine{'s' if machines != 1 else ''}",
+            f"number the machines 0 to {machines - 1}")
+    if "mixed_precision" in data and str(data["mixed_precision"]) not in MIXED_PRECISION:
+        bad(("mixed_precision",), f"unknown mixed precision {data['mixed_precision']!r}",
+            f"one of {', '.join(MIXED_PRECISION)}")
+    for section in ("fsdp_config", "deepspeed_config"):
+        if not isinstance(data.get(section) or {}, dict):
+            bad((section,), f"expected a mapping of options, got {data[section]!r}",
+                "compare with the profiles in recipes/accelerate/")
+    fsdp = data.get("fsdp_config") if isinstance(data.get("fsdp_config"), dict) else {}
+    if "fsdp_version" in fsdp and fsdp["fsdp_version"] not in (1, 2):
+        bad(("fsdp_config", "fsdp_version"), f"FSDP version {fsdp['fsdp_version']!r}", "1 or 2")
+    deepspeed = data.get("deepspeed_config") if isinstance(data.get("deepspeed_config"), dict) else {}
+    if "zero_stage" in deepspeed and deepspeed["zero_stage"] not in (0, 1, 2, 3):
+        bad(("deepspeed_config", "zero_stage"), f"ZeRO stage {deepspeed['zero_stage']!r}", "0, 1, 2 or 3")
+    config_file = deepspeed.get("deepspeed_config_file")
+    if isinstance(config_file, str) and config_file.lower() != "none" and not any(
+            (where / config_file).expanduser().is_file() for where in (Path.cwd(), path.parent)):
+        bad(("deepspeed_config", "deepspeed_config_file"), f"DeepSpeed config file not found: {config_file}",
+            "check the path (a relative one is read from the folder you launch in)")
+    return problems
+
+
 def read_profile(path: Path) -> LaunchProfile:
     """The profile as accelerate reads it; a clear error naming the file, line and key otherwise."""
     path = Path(path)
@@ -81,8 +129,10 @@ def read_profile(path: Path) -> LaunchProfile:
                                    "compare with the profiles in recipes/accelerate/ (`accelerate launch --help` "
                                    "lists every option)")], head="invalid launch profile") from None
     options = _launch_options()
-    problems = []
+    problems = _bad_values(data, locs, path)
     for section, prefix in (("fsdp_config", "fsdp_"), ("deepspeed_config", "")):
+        if not isinstance(data.get(section) or {}, dict):
+            continue  # said by _bad_values
         for key in data.get(section) or {}:
             name = key if key.startswith(prefix) else prefix + key
             if name not in options:
