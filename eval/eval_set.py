@@ -121,6 +121,9 @@ def read_eval_set(path: Path | str) -> list[EvalItem]:
         except RecursionError:
             raise EvalSetError(f"{where}: nested too deep to be a question\n"
                                "    fix: one JSON object per line, as eval/eval_set.py shows") from None
+        except ValueError:  # Python's own bound on the digits of a number
+            raise EvalSetError(f"{where}: a number of thousands of digits is not part of a question\n"
+                               "    fix: one JSON object per line, as eval/eval_set.py shows") from None
         try:  # "\ud800" is valid JSON but no text: a tokenizer or report.md would fail on it later
             json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:

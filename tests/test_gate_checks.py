@@ -136,6 +136,7 @@ def test_a_bad_line_names_file_line_and_fix(tmp_path, line, message):
     ('ok\n{"id": "a"}\n'.encode("utf-16"), "UTF-16 or UTF-32 text"),
     (b'ok\n{"id": "a\x00"}\n', "NUL bytes"),
     (b'ok\n{"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":2: nested too deep"),
+    (b'ok\n{"id": 1' + b"0" * 5000 + b"}\n", ":2: a number of thousands of digits"),
 ])
 def test_a_file_that_is_not_json_lines_text_is_an_error_not_a_traceback(tmp_path, data, message):
     good = json.dumps({"id": "ok", "question": "q?", "reference": "r", "refer": False, "warn": False}).encode()

@@ -263,6 +263,9 @@ def read_jsonl(path: Path, name: str, bad: BadRecords) -> Iterator[Record]:
             except RecursionError:
                 bad.add(where, "not usable JSON (nested too deep to read)")
                 continue
+            except ValueError:  # Python's own bound on the digits of a number
+                bad.add(where, "not usable JSON (a number of thousands of digits)")
+                continue
             if not isinstance(row, dict):
                 bad.add(where, f"not a JSON object (it is {describe(row)})")
                 continue

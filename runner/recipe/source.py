@@ -8,6 +8,7 @@ line the user has to edit.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -174,6 +175,15 @@ def _read_text(path: Path, source: str) -> str:
                                    f"0x{raw[exc.start]:02x})", "save it as UTF-8")]) from None
 
 
+DIGITS_FIX = "no setting needs a number that long: check for a pasted or repeated value"
+
+
+def too_long(exc: ValueError) -> str:
+    """Python's refusal to read a number of thousands of digits, said plainly (other ValueErrors as they are)."""
+    found = re.search(r"value has (\d+) digits", str(exc))
+    return f"a number of {int(found.group(1)):,} digits is too long to read" if found else str(exc)
+
+
 def read_yaml(path: Path, source: str | None = None) -> tuple[dict, dict[KeyPath, Loc]]:
     """Read one YAML mapping with its key locations. Syntax errors become RecipeErrors with a position."""
     source = source or str(path)
@@ -194,6 +204,8 @@ def read_yaml(path: Path, source: str | None = None) -> tuple[dict, dict[KeyPath
         raise RecipeError([Problem(loc, "", f"YAML error: {what}", fix)])
     except YAMLError as exc:
         raise RecipeError([Problem(Loc(source), "", f"YAML error: {exc}", "fix the YAML syntax")])
+    except ValueError as exc:  # Python's own bound on the digits of a number
+        raise RecipeError([Problem(Loc(source), "", too_long(exc), DIGITS_FIX)])
     if node is None:
         raise RecipeError([Problem(Loc(source), "", "the file is empty", "a recipe is a YAML mapping (key: value)")])
     if not isinstance(node, CommentedMap):
@@ -258,6 +270,8 @@ def parse_set(expr: str) -> tuple[KeyPath, Any]:
     except (MarkedYAMLError, YAMLError) as exc:
         raise RecipeError([Problem(loc, key, f"cannot read the value: {exc}",
                                    "quote strings that contain ':' or '#'")])
+    except ValueError as exc:  # Python's own bound on the digits of a number
+        raise RecipeError([Problem(loc, key, f"cannot read the value: {too_long(exc)}", DIGITS_FIX)])
     return path, value
 
 
