@@ -141,9 +141,10 @@ class StageDir:
     def fingerprint(self) -> dict | None:
         """The saved record of this version: {"fingerprint", "stage", "created", "inputs", "settings"}."""
         try:
-            return json.loads(self.fingerprint_file.read_text())
+            record = json.loads(self.fingerprint_file.read_text())
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None  # a damaged file is no record
 
     def save_fingerprint(self, record: dict) -> None:
         atomic.write_text(self.fingerprint_file, json.dumps({**record, "created": time.time()}, indent=1,

@@ -183,3 +183,29 @@ def test_eval_of_a_file_that_is_no_whole_gguf_is_an_error(tmp_path, content, say
     with pytest.raises(TunebookError, match=says) as caught:
         evaluate_target(path, data=str(tmp_path / "d.jsonl"))
     assert "fix:" in str(caught.value)
+
+
+def test_a_damaged_run_folder_is_read_as_far_as_it_holds(tmp_path):
+    from runner.run_dir import StageDir
+    from runner.train.metrics import read_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe garbage\n{"step": "x"}\n{"step": 2, "loss": 1.5}\n{"st')
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+    stage = StageDir(tmp_path / "s@abc")
+    stage.path.mkdir()
+    stage.fingerprint_file.write_text("[1, 2]")
+    assert stage.fingerprint() is None
+
+
+def test_an_out_path_that_names_the_wrong_thing_is_refused_before_any_work(tmp_path):
+    from runner.cli.options import writable
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    assert writable(tmp_path / "new" / "deeper", "--out", folder=True) == tmp_path / "new" / "deeper"
+    for path, folder, says in ((tmp_path / "a-file", True, "that is a file, not a folder"),
+                               (tmp_path / "a-folder", False, "that is a folder, not a file"),
+                               (tmp_path / "a-file" / "x.yaml", False, "a-file is a file, so nothing can be made")):
+        with pytest.raises(TunebookError, match=says):
+            writable(path, "--out", folder=folder)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .options import SetOpt
+from .options import SetOpt, writable
 
 
 class Target(str, Enum):
@@ -38,6 +38,10 @@ def export_config(
     from ..train.axolotl import export_configs, validate
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if out is not None:
+        writable(out, "--out", folder=False)
+    if data_dir is not None:
+        writable(data_dir, "--data-dir", folder=True)
     loaded = load_recipe(recipe, set_ or [])
     configs = export_configs(loaded, stage, data_dir, log=lambda m: err.print(m, markup=False))
     written: dict[str, Path] = {}

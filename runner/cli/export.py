@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..run_dir import COMPARE_DIR
-from .options import err, out
+from .options import err, out, writable
 
 
 def export(
@@ -42,4 +42,4 @@ def compare(
     and PNG curves of validation loss and perplexity per run and overlaid."""
     from ..measure.report import write_compare_report
 
-    out.print(f"wrote {write_compare_report(runs, out_dir)}", highlight=False)
+    out.print(f"wrote {write_compare_report(runs, writable(out_dir, '--out', folder=True))}", highlight=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import RecipeArg, SetOpt, err, log_to_stderr, out
+from .options import RecipeArg, SetOpt, err, log_to_stderr, out, writable
 
 
 def sweep(
@@ -52,7 +52,7 @@ def sweep(
         except TunebookError as exc:
             raise TunebookError(f"variant {i} ({' '.join(sets)}): {exc}") from None
     export = export or goal.needs_gate
-    folder = out_dir or RunDir.of(recipes[0]).sweep_dir
+    folder = writable(out_dir, "--out", folder=True) if out_dir else RunDir.of(recipes[0]).sweep_dir
     records = []
     for i, (sets, recipe) in enumerate(zip(variants, recipes)):
         err.print(f"[bold]variant {i + 1}/{len(recipes)}[/bold]: {' '.join(sets) or '(the recipe as it is)'}",

@@ -15,15 +15,18 @@ FIELDS = ("step", "epoch", "loss", "eval_loss", "eval_ppl", "learning_rate", "gr
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All complete rows; a half-written last line (a killed run) is ignored."""
+    """All complete rows; a half-written last line (a killed run), and any line that is not a row (a damaged
+    file), is ignored."""
     rows = []
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
     return rows
 
 
