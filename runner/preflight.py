@@ -201,6 +201,11 @@ def _existing_parent(path: Path) -> Path:
 
 def _check_output(recipe: Recipe, model_ref: Path | None, problem, notes: list[str]) -> None:
     out = RunDir.of(recipe).path
+    too_long = next((part for part in out.parts if len(os.fsencode(part)) > 255), None)
+    if too_long is not None:
+        problem(("output_dir",), f"cannot write {out}: a folder name of {len(os.fsencode(too_long))} bytes is longer "
+                                 "than file systems allow (255)\n    fix: set output_dir to a shorter path")
+        return
     parent = _existing_parent(out)
     if not parent.is_dir():
         problem(("output_dir",), f"cannot write {out}: {parent} is a file\n    fix: set output_dir to a folder")

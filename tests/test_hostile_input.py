@@ -209,3 +209,17 @@ def test_an_out_path_that_names_the_wrong_thing_is_refused_before_any_work(tmp_p
                                (tmp_path / "a-file" / "x.yaml", False, "a-file is a file, so nothing can be made")):
         with pytest.raises(TunebookError, match=says):
             writable(path, "--out", folder=folder)
+
+
+def test_names_and_folders_too_long_for_a_file_system_are_refused(write, tmp_path):
+    from runner.preflight import preflight
+    from runner.recipe.schema import load_recipe_located
+
+    problem = problem_of(write("r.yaml", MINIMAL.replace("name: r", "name: " + "r" * 300)))
+    assert (problem.loc.line, problem.path) == (1, "name") and "300 characters is too long (at most 128)" in problem.message
+    problem = problem_of(write("s.yaml", MINIMAL.replace("name: s,", "name: " + "s" * 200 + ",")))
+    assert problem.path == "stages.0.name" and "too long" in problem.message
+    recipe, located = load_recipe_located(write("o.yaml", MINIMAL), [f"output_dir={tmp_path / ('o' * 300)}"])
+    [found] = [p for p in preflight(recipe, located, hub_unreachable=lambda: "offline").problems
+               if p.path == "output_dir"]
+    assert "a folder name of 300 bytes is longer than file systems allow" in found.message

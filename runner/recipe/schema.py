@@ -92,7 +92,9 @@ class DataConfig(Strict):
         raise ValueError("val_size must be a fraction in (0, 1), a whole count >= 1, or 0 for no validation set")
 
 
-Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+# Names become folder and file names (<stage>@<fingerprint>, <name>-q8_0.gguf): well under 255 bytes.
+MAX_NAME = 128
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Weight = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -177,7 +179,7 @@ class TrainConfig(Strict):
 
 
 class StageConfig(Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     init: Literal["continue", "merge", "fresh"] | None = Field(
         None, description="None: fresh for the first stage, continue for the others")
     data: DataSection  # one source (a mapping) or a list of sources and replay items, each with a weight
@@ -310,7 +312,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class Recipe(Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     backend: Literal["hf", "unsloth", "axolotl"] = "hf"
     report_to: list[Literal[TRACKERS]] = ["tensorboard"]  # type: ignore[valid-type]
     seed: int = 42
@@ -491,6 +493,12 @@ def _problem_from_error(err: dict, located: Located) -> Problem:
     if kind in ("string_type", "string_too_short") and path and path[-1] == "source":
         return Problem(loc, shown, f"expected a data source, got {_describe(value)}",
                        "a local file or folder, a hub dataset id, or package:<module>")
+    if kind in ("string_type", "string_too_short") and path and path[-1] == "base":
+        return Problem(loc, shown, f"expected a base model, got {_describe(value)}",
+                       "a local model folder, a .gguf file, a hub id or package:<module>")
+    if kind == "string_too_long":
+        return Problem(loc, shown, f"a name of {len(value)} characters is too long (at most {MAX_NAME})",
+                       "shorten it: it names folders and files of the run")
     if kind in ("string_type", "string_too_short", "string_pattern_mismatch"):
         return Problem(loc, shown, f"expected a name (letters, digits, '-', '_', '.'), got {_describe(value)}",
                        "e.g. my-run")
