@@ -9,6 +9,7 @@ reach the app through the environment variables below. This module does not impo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -95,7 +96,9 @@ def check_port(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as e:
-        raise ChatError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port)") from e
+        busy = e.errno in (errno.EADDRINUSE, errno.EACCES)  # taken, or a port below 1024 without the right
+        fix = "choose another --port" if busy else "check --host: an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+        raise ChatError(f"cannot listen on {host}:{port}: {e.strerror or e} ({fix})") from e
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -223,3 +223,26 @@ def test_names_and_folders_too_long_for_a_file_system_are_refused(write, tmp_pat
     [found] = [p for p in preflight(recipe, located, hub_unreachable=lambda: "offline").problems
                if p.path == "output_dir"]
     assert "a folder name of 300 bytes is longer than file systems allow" in found.message
+
+
+def test_a_port_taken_and_a_host_that_is_no_address_get_their_own_fix():
+    import socket
+
+    from chat.engine import ChatError
+    from chat.serve import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ChatError, match="choose another --port"):
+            check_port("127.0.0.1", taken.getsockname()[1])
+    with pytest.raises(ChatError, match="check --host"):
+        check_port("999.1.1.1", 8000)
+
+
+def test_a_control_character_in_a_data_line_is_said_once(tmp_path):
+    path = tmp_path / "ctl.jsonl"
+    path.write_text(LINE + "\n" + '{"messages": "a\tb"}' + "\n")
+    with pytest.raises(TunebookError) as caught:
+        read(path, "error")
+    assert "ctl.jsonl:2: not valid JSON (Invalid control character at column" in str(caught.value)

@@ -258,7 +258,7 @@ def read_jsonl(path: Path, name: str, bad: BadRecords) -> Iterator[Record]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                bad.add(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                bad.add(where, f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})")
                 continue
             except RecursionError:
                 bad.add(where, "not usable JSON (nested too deep to read)")
