@@ -246,3 +246,13 @@ def test_a_control_character_in_a_data_line_is_said_once(tmp_path):
     with pytest.raises(TunebookError) as caught:
         read(path, "error")
     assert "ctl.jsonl:2: not valid JSON (Invalid control character at column" in str(caught.value)
+
+
+def test_eval_names_a_misspelled_stage_before_loading_anything(tmp_path):
+    from conftest import RECIPES
+
+    from runner.measure.evaluate import evaluate_target
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # never opened: the stage is checked first
+    with pytest.raises(RecipeError, match="no stage named 'vett'"):
+        evaluate_target(tmp_path / "model.gguf", RECIPES / "quickstart.yaml", stage="vett")

@@ -93,6 +93,8 @@ def evaluate_target(target: Path, recipe_path: Path | None = None, stage: str | 
     recipe = load_recipe(recipe_path, overrides or []) if recipe_path else None
     if recipe is None and kind == "run":
         recipe = RunDir(target).load_recipe()
+    if recipe is not None and stage:
+        recipe.stage(stage.split("/")[0])  # a misspelled stage is said first, before any model or tokenizer loads
     if quant is not None:
         if kind != "run":
             raise TunebookError(f"--quant {quant} picks among a run's GGUFs, but {target} is not a run directory\n"
