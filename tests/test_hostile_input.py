@@ -256,3 +256,14 @@ def test_eval_names_a_misspelled_stage_before_loading_anything(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF")  # never opened: the stage is checked first
     with pytest.raises(RecipeError, match="no stage named 'vett'"):
         evaluate_target(tmp_path / "model.gguf", RECIPES / "quickstart.yaml", stage="vett")
+
+
+def test_a_symbolic_link_loop_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "b.yaml").symlink_to("a.yaml")
+    with pytest.raises(RecipeError, match="cannot follow the path"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "a.jsonl").symlink_to("b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to("a.jsonl")
+    with pytest.raises(TunebookError, match="data file not found"):
+        open_source(str(tmp_path / "a.jsonl"), None)

@@ -147,7 +147,7 @@ def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, s
                                     f"    fix: put {', '.join(EXTENSIONS)} files in it, or point data.source at a file")
             return Source(spec, "files", files, display_root=path.parent)
     if Path(spec).suffix in EXTENSIONS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        tried = " and ".join(dict.fromkeys(str(p.resolve()) for p in candidates))
+        tried = " and ".join(dict.fromkeys(str(p.absolute()) for p in candidates))  # a looping link has no resolve()
         raise TunebookError(f"data file not found: {spec} (tried {tried})\n"
                             "    fix: check the path; relative paths are read from the current directory, "
                             "then from the recipe's directory")

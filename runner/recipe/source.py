@@ -227,7 +227,11 @@ def deep_merge(parent: Any, child: Any) -> Any:
 
 def load_layers(path: Path, _chain: tuple[Path, ...] = ()) -> list[Layer]:
     """The file and, through `extends`, its ancestors: most derived first. A cycle is an error."""
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link that points back at itself
+        raise RecipeError([Problem(Loc(str(path)), "", f"cannot follow the path ({exc})",
+                                   "point at the recipe file itself, not a link that loops")]) from None
     if resolved in _chain:
         cycle = " -> ".join(str(p) for p in _chain + (resolved,))
         raise RecipeError([Problem(Loc(str(path)), "extends", f"`extends` forms a cycle: {cycle}",
