@@ -431,6 +431,9 @@ class RunDir:
             if candidate.is_file():
                 return candidate
         others = sorted(p.name for p in self.path.glob(f"*{GGUF_SUFFIX}"))
+        if not others and not self.is_run():
+            raise TunebookError(f"{self.path} is not a run directory and holds no .gguf file\n"
+                                "    fix: pass a run directory (runs/<name>) or the path of a .gguf file")
         raise TunebookError(f"no {quant + ' ' if quant else ''}.gguf file in {self.path}"
                             + (f" (it has {', '.join(others)})" if others else "") + "\n"
                             f"    fix: export it first (tunebook export {self.path} --quant {quant or served}), "

@@ -267,3 +267,11 @@ def test_a_symbolic_link_loop_is_an_error_not_a_traceback(tmp_path):
     (tmp_path / "b.jsonl").symlink_to("a.jsonl")
     with pytest.raises(TunebookError, match="data file not found"):
         open_source(str(tmp_path / "a.jsonl"), None)
+
+
+def test_a_folder_that_is_no_run_is_not_told_to_export(tmp_path):
+    from runner.run_dir import RunDir
+
+    with pytest.raises(TunebookError, match="is not a run directory and holds no .gguf file") as caught:
+        RunDir(tmp_path).find_gguf()
+    assert "tunebook export" not in str(caught.value)

@@ -25,7 +25,7 @@ def chat(
     from rich.console import Console
 
     from chat.engine import ChatError, check_gguf
-    from chat.serve import serve
+    from chat.serve import check_port, serve
 
     target = Path(target).expanduser() if target is not None else newest_run_with_gguf().path
     if not target.exists():
@@ -36,6 +36,7 @@ def chat(
             raise TunebookError(f"--quant {quant} picks among a run's GGUFs, but {target} is one file\n"
                                 f"    fix: pass the run directory ({target.parent}) with --quant, or the file alone")
         gguf = check_gguf(target if target.is_file() else run.find_gguf(quant))
+        check_port(host, port)  # a busy port or a wrong host is said before "serving"
         Console(stderr=True).print(f"serving {gguf} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
         serve(gguf, host=host, port=port, system_prompt=run.system_prompt(), parallel=parallel,
               sampling=run.chat_sampling())
