@@ -275,3 +275,9 @@ def test_a_folder_that_is_no_run_is_not_told_to_export(tmp_path):
     with pytest.raises(TunebookError, match="is not a run directory and holds no .gguf file") as caught:
         RunDir(tmp_path).find_gguf()
     assert "tunebook export" not in str(caught.value)
+
+
+
+def test_lora_on_no_modules_is_refused(write):
+    problem = problem_of(write("r.yaml", MINIMAL + "lora: {target_modules: []}\n"))
+    assert problem.path == "lora.target_modules" and "all-linear" in problem.fix

@@ -47,7 +47,7 @@ class LoraConfig(Strict):
     r: PositiveInt = 16
     alpha: Annotated[float, Field(gt=0)] = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
     # tokens whose embedding rows (and tied LM-head rows) are trained too, e.g. a base model's turn markers
