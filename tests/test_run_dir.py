@@ -114,6 +114,7 @@ def test_freshness_rule(tmp_path):
 def test_find_gguf_in_a_run_directory(tmp_path):
     run = RunDir(tmp_path / "runs" / "quickstart")
     run.path.mkdir(parents=True)
+    run.recipe_file.write_text("name: quickstart\n")
     with pytest.raises(TunebookError, match="(?s)no .gguf file.*tunebook export"):
         run.find_gguf()
     other = run.path / "experiment-f16.gguf"
