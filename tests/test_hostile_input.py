@@ -281,3 +281,9 @@ def test_a_folder_that_is_no_run_is_not_told_to_export(tmp_path):
 def test_lora_on_no_modules_is_refused(write):
     problem = problem_of(write("r.yaml", MINIMAL + "lora: {target_modules: []}\n"))
     assert problem.path == "lora.target_modules" and "all-linear" in problem.fix
+
+
+def test_true_is_no_count(write):
+    problem = problem_of(write("r.yaml", MINIMAL + "lora: {r: true}\n"))
+    assert problem.path == "lora.r" and "expected a whole number, got True" in problem.message
+    assert load_recipe(write("s.yaml", MINIMAL + "lora: {r: 1e1}\n")).lora.r == 10  # a float that is whole still is

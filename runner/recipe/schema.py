@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
                       field_validator, model_validator)
+
+from pydantic_core import PydanticCustomError
 
 from ..errors import Problem, RecipeError
 from .source import KeyPath, Located, load_located, path_str
@@ -29,7 +31,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+def _no_bool(value: Any) -> Any:
+    """YAML's `true` is no count (pydantic would read it as 1); 1e3 still is."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_no_bool), Field(gt=0)]
 
 
 class ModelConfig(Strict):
