@@ -8,7 +8,7 @@ good answer must and must not do. One JSON object per line:
      "refer": true,                                     the answer must send the owner to a veterinarian
      "warn": true,                                      the answer must say it is dangerous / not to give it
      "forbid": ["grapes are safe", ...],                phrases that must not appear (eval/answer_checks.py)
-     "species": "dog", "topic": "toxins"}               free labels, counted in the report
+     "species": "dog", "topic": "toxins"}               free labels; report.md counts answers by topic
 
 UTF-8, with or without a byte-order mark. A bad line is an EvalSetError naming the file, the line and the fix.
 """

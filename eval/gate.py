@@ -50,6 +50,17 @@ def grade_answers(items: list[EvalItem], answers: list[dict], system_prompt: str
     return rows
 
 
+def relabel(result: dict, items: list[EvalItem]) -> dict:
+    """A gate result whose answers carry the set's current `topic` and `species`: the labels are not part of
+    what the answers were made from (eval_set_digest), so editing only them keeps the answers, not the old
+    labels."""
+    labels = {item.id: {"topic": item.topic, "species": item.species} for item in items}
+    for mode in MODES:
+        for answer in result.get(mode, {}).get("answers", []):
+            answer.update(labels.get(answer.get("id"), {}))
+    return result
+
+
 def _rate(hits: int, total: int) -> float:
     return hits / total if total else math.nan
 

@@ -262,11 +262,42 @@ def gate_section(gate: dict[str, dict], eval_set: str) -> str:
     for label, mode, g, ppl in gate_rows(gate):
         lines.append(f"| {label} | {mode} | {_gate_checks(g)} | {g['words_median']:.0f} | {g['tokens_mean']:.0f} | "
                      f"{_num(ppl, 2)} |")
+    by_topic = topic_table(served)
+    if by_topic:
+        lines += ["", "The served GGUF by the set's topics (warned without need: a warning where the question "
+                  "expects none, e.g. calling a safe food dangerous):", "", by_topic]
     for mode in modes:
         failures = _gate_failures(served[mode])
         if failures:
             lines += ["", f"Served GGUF, {SAMPLING_WORDS[mode]}, answers that failed a check:", ""] + failures
     return "\n".join(lines)
+
+
+TOPIC_COLUMNS = ("topic", "answering", "questions", "stopped", "referral where expected", "warning where expected",
+                 "warned without need", "forbidden phrase")
+
+
+def topic_table(served: dict) -> str:
+    """The served model's answers counted by the evaluation set's `topic` labels, each way of answering: where
+    it fails, and where it warns about something harmless. Empty when the set has no topics."""
+    rows = []
+    for mode in ("greedy", "chat"):
+        answers = served.get(mode, {}).get("answers", [])
+        topics = list(dict.fromkeys(a.get("topic") or "" for a in answers))
+        if topics == [""]:
+            return ""
+        for topic in topics:
+            of = [a for a in answers if (a.get("topic") or "") == topic]
+            refer = [a for a in of if a["refer_expected"]]
+            warn = [a for a in of if a["warn_expected"]]
+            needless = [a for a in of if not a["warn_expected"]]
+            rows.append([topic or "(no topic)", SAMPLING_WORDS[mode], str(len(of)),
+                         _count(sum(a["stopped"] for a in of), len(of)),
+                         _count(sum(a["referred"] for a in refer), len(refer)),
+                         _count(sum(a["warned"] for a in warn), len(warn)),
+                         f"{sum(a['warned'] for a in needless)}/{len(needless)}" if needless else "–",
+                         str(sum(bool(a["forbidden"]) for a in of))])
+    return markdown_table(list(TOPIC_COLUMNS), rows) if rows else ""
 
 
 def _gate_failures(result: dict, shown: int = SAMPLES_SHOWN) -> list[str]:

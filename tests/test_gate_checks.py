@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from eval.answer_checks import LOOP_REPETITION, echo_length, forbidden_found, grade, refers, repetition, warns
 from eval.eval_set import EvalItem, EvalSetError, read_eval_set
-from eval.gate import grade_answers, summarize
+from eval.gate import grade_answers, relabel, summarize
 from eval.report import gate_section
 from runner.measure.targets import check_targets
 from runner.recipe import load_recipe
@@ -94,6 +94,26 @@ def test_summary_counts_each_failure_and_targets_fail_on_them():
     assert "| served GGUF (after every stage) | greedy | 4/5 (80%) | 3/5 (60%) |" in text
     assert "- forbidden phrase (1): `grapes` (\"grapes are safe\", \"a healthy treat\")" in text
     assert "- system prompt repeated (1): `grapes`" in text and "- loops (1): `grapes`" in text
+
+
+def test_the_report_counts_answers_by_topic_and_warnings_without_need():
+    water = EvalItem("water", ({"role": "user", "content": "How much should my dog drink?"},),
+                     "About 50 ml per kg a day.", refer=False, warn=False, forbid=(), topic="everyday care")
+    items = [GRAPES, GRAPES, water, water]
+    answers = [GOOD, NO_REFERRAL, "Water is dangerous in large amounts, do not give too much.", "About 50 ml per kg."]
+    rows = grade_answers([GRAPES, GRAPES, water, water], [{"answer": a, "stopped": True, "tokens": 9} for a in answers],
+                         SYSTEM)
+    for row, item in zip(rows, items):
+        assert row["topic"] == item.topic
+    served = {"questions": 4, "reference_ppl": {"ppl": 9.5, "tokens": 100},
+              "greedy": {"summary": summarize(rows), "max_tokens": 256, "answers": rows,
+                         "sampling": {"temperature": 0.0, "repeat_penalty": 1.0, "seed": 0}}}
+    text = gate_section({"served": served}, "vet_eval.jsonl")
+    assert "| (no topic) | greedy | 2 | 2/2 (100%) | 1/2 (50%) | 2/2 (100%) | – | 0 |" in text
+    assert "| everyday care | greedy | 2 | 2/2 (100%) | – | – | 1/2 | 0 |" in text
+    # the labels are those of the set as it is now, not as the answers were made
+    relabel(served, [GRAPES, EvalItem("water", water.messages, water.reference, False, False, (), topic="drinking")])
+    assert "| drinking | greedy | 2 |" in gate_section({"served": served}, "vet_eval.jsonl")
 
 
 EVAL_SET = ROOT / "data" / "vet_eval.jsonl"

@@ -72,7 +72,7 @@ def test_answers_decoded_together_are_those_of_one_at_a_time_and_repeat(monkeypa
 
 
 EVAL = [{"id": f"q{i}", "question": q, "reference": "Give fresh water and call your vet if it goes on.",
-         "refer": True, "warn": i == 0, "forbid": ["wait and see"]}
+         "refer": True, "warn": i == 0, "forbid": ["wait and see"], "topic": "toxins" if i == 0 else "care"}
         for i, q in enumerate(["My dog ate grapes, what now?", "Is my cat too thin?", "Why does my dog itch?"])]
 
 
@@ -157,6 +157,16 @@ def test_a_run_measures_served_base_and_stage_models_once(tmp_path, monkeypatch)
     train_recipe(load_recipe(recipe_file), log=logs.append)
     text = "\n".join(logs)
     assert "export is up to date" in text and "gate of served is up to date" not in text
+
+    # a topic label edited alone keeps every answer, and report.md counts them by the new label
+    EVAL[2]["topic"] = "skin"
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))
+    logs.clear()
+    train_recipe(load_recipe(recipe_file), log=logs.append)
+    assert all(f"gate of {m} is up to date" in "\n".join(logs) for m in ("served", "base", "general"))
+    by_topic = run.report.read_text().split("The served GGUF by the set's topics", 1)[1]
+    assert "| skin | greedy | 1 |" in by_topic and "| care | greedy | 1 |" in by_topic
+    assert "| toxins | chat sampler | 1 |" in by_topic
 
     # another exported type leaves the served one as it was: base and general are not measured again
     recipe_file.write_text(recipe_file.read_text().replace("export: {quantization: q8_0}",

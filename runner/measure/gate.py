@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eval.answer_checks import rules_identity
 from eval.eval_set import EvalItem, EvalSetError, eval_set_digest, read_eval_set
-from eval.gate import MODES, PARALLEL, answer_set, reference_perplexity, sampling_for
+from eval.gate import MODES, PARALLEL, answer_set, reference_perplexity, relabel, sampling_for
 
 from .. import atomic
 from ..data.templates import resolve_chat_template
@@ -213,4 +213,9 @@ def read_gate(recipe: Recipe, run: RunDir) -> dict[str, dict]:
     if recipe.eval is None:
         return {}
     order = [BASE] + [s.name for s in recipe.stages[:-1]] + [SERVED]
-    return {m: json.loads(run.gate_file(m).read_text()) for m in order if run.gate_file(m).is_file()}
+    gate = {m: json.loads(run.gate_file(m).read_text()) for m in order if run.gate_file(m).is_file()}
+    try:
+        items = load_eval_set(recipe) if gate else []
+    except TunebookError:
+        return gate  # the set is unreadable now: its labels as they were
+    return {m: relabel(result, items) for m, result in gate.items()}

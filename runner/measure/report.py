@@ -150,6 +150,7 @@ def export_rows(recipe: Recipe, run: RunDir) -> list[ExportRow]:
 
 def report_inputs(recipe: Recipe, run: RunDir) -> dict:
     quants = recipe.export.quants if recipe.export else []
+    eval_set = recipe.local_path(recipe.eval.data) if recipe.eval else None
     exports = {q: [file_identity(run.gguf(recipe.name, q)), content_identity(run.quality_of(q))] for q in quants[1:]}
     return {"recipe": content_identity(run.recipe_file), **({"exports": exports} if exports else {}),
             "stages": {s.name: content_identity(run.stage(s.name).metrics) for s in recipe.stages},
@@ -157,7 +158,8 @@ def report_inputs(recipe: Recipe, run: RunDir) -> dict:
             **{name: content_identity(path) for name, path in (("forgetting", run.forgetting_file),
                                                                 ("quality", run.quality_file),
                                                                 ("wall", run.wall_file))},
-            "gate": {path.name: content_identity(path) for path in sorted(run.gate_dir.glob("*.json"))}}
+            "gate": {path.name: content_identity(path) for path in sorted(run.gate_dir.glob("*.json"))},
+            **({"eval_set": content_identity(eval_set)} if eval_set else {})}  # its labels are shown as they are now
 
 
 def write_run_report(recipe: Recipe, run: RunDir, log=print) -> Path:
