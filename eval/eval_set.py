@@ -86,6 +86,9 @@ def _item(record, where: str) -> EvalItem:
 def _lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of each non-blank line: UTF-8 with or without a byte-order mark, LF or CRLF line ends.
     Only a newline ends a line (a JSON string may hold U+2028 and other characters Python also splits on)."""
+    if path.exists() and not path.is_file() and not path.is_dir():  # reading a pipe would wait for a writer
+        raise EvalSetError(f"{path}: not a regular file (a pipe, a socket or a device)\n"
+                           "    fix: point eval.data at a JSON Lines file of questions")
     try:
         data = path.read_bytes()
     except OSError as exc:

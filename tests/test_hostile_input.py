@@ -287,3 +287,25 @@ def test_true_is_no_count(write):
     problem = problem_of(write("r.yaml", MINIMAL + "lora: {r: true}\n"))
     assert problem.path == "lora.r" and "expected a whole number, got True" in problem.message
     assert load_recipe(write("s.yaml", MINIMAL + "lora: {r: 1e1}\n")).lora.r == 10  # a float that is whole still is
+
+
+def test_a_pipe_as_data_or_evaluation_set_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from eval.eval_set import EvalSetError, read_eval_set
+
+    os.mkfifo(tmp_path / "d.jsonl")  # opening it to read would wait for a writer that never comes
+    with pytest.raises(TunebookError, match="not a regular file or folder"):
+        open_source(str(tmp_path / "d.jsonl"), None)
+    with pytest.raises(EvalSetError, match="not a regular file"):
+        read_eval_set(tmp_path / "d.jsonl")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "folder" / "e.jsonl")  # inside a data folder, only regular files count
+    with pytest.raises(TunebookError, match="folder has no data files"):
+        open_source(str(tmp_path / "folder"), None)
+
+
+def test_extends_naming_a_folder_says_so(write, tmp_path):
+    (tmp_path / "defaults").mkdir()
+    problem = problem_of(write("r.yaml", "extends: defaults\n" + MINIMAL))
+    assert problem.message.startswith("`extends` names a folder") and "lora-sft.yaml" in problem.fix

@@ -146,6 +146,9 @@ def open_source(spec: str, recipe_dir: Path | None, subset: str | None = None, s
                 raise TunebookError(f"{path}: folder has no data files\n"
                                     f"    fix: put {', '.join(EXTENSIONS)} files in it, or point data.source at a file")
             return Source(spec, "files", files, display_root=path.parent)
+        if path.exists():
+            raise TunebookError(f"{path}: not a regular file or folder (a pipe, a socket or a device)\n"
+                                "    fix: point data.source at a data file or a folder of them")
     if Path(spec).suffix in EXTENSIONS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         tried = " and ".join(dict.fromkeys(str(p.absolute()) for p in candidates))  # a looping link has no resolve()
         raise TunebookError(f"data file not found: {spec} (tried {tried})\n"

@@ -247,8 +247,12 @@ def load_layers(path: Path, _chain: tuple[Path, ...] = ()) -> list[Layer]:
     parent_path = Path(parent).expanduser()
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
+    if parent_path.is_dir():
+        raise RecipeError([Problem(locs.get(("extends",)), "extends", f"`extends` names a folder: {parent_path}",
+                                   "name a recipe file in it, e.g. `extends: defaults/lora-sft.yaml`")])
     if not parent_path.is_file():
-        raise RecipeError([Problem(locs.get(("extends",)), "extends", f"`extends` names a missing file: {parent_path}",
+        what = "something that is not a file" if parent_path.exists() else "a missing file"
+        raise RecipeError([Problem(locs.get(("extends",)), "extends", f"`extends` names {what}: {parent_path}",
                                    "the path is relative to the file that contains `extends`")])
     return layers + load_layers(parent_path, _chain + (resolved,))
 
