@@ -40,7 +40,7 @@ test: $(STAMP) browser $(AXOLOTL_VENV)/.installed
 
 setup: $(STAMP)
 
-# The benchmarks of bench/README.md, one after the other (~30 min on an idle 2-core machine); they read the
+# The benchmarks of bench/README.md, one after the other (15-30 min on an idle 2-core machine); they read the
 # quickstart run, so `make demo` first. Each writes bench/results/<name>.json and prints its table.
 BENCHES := train_throughput packing eval_throughput gguf_inference export
 .PHONY: bench
