@@ -82,6 +82,8 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
     if is_main_process():
         check_trackers(recipe)  # an unreachable tracker fails now, not after the training
     check_quantization(recipe.model)
+    if export and recipe.eval is not None and recipe.export is not None:
+        load_eval_set(recipe)  # a bad line of the evaluation set fails now, not after the training and the export
     run = prepare_run_dir(recipe, log)
     with main_process_first():
         model_ref = model_source(recipe.model, recipe.base_dir, log)
@@ -90,8 +92,6 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     trainable_token_ids(recipe.lora, tokenizer)  # a misspelled token fails now, not after the base is loaded
-    if export and recipe.eval is not None and recipe.export is not None:
-        load_eval_set(recipe)  # a bad line of the evaluation set fails now, not after the training and the export
 
     with main_process_first():
         select_versions(recipe, run, log)  # each stage's fingerprint: reuse, resume or train

@@ -73,7 +73,8 @@ def test_an_evaluation_set_with_a_bad_line_fails_before_any_training(tmp_path, b
     chat_data(tmp_path / "d.jsonl", 4)
     good = '{"id": "a", "question": "q?", "reference": "r", "refer": false, "warn": false}'
     (tmp_path / "eval.jsonl").write_text(good + "\n" + good.replace("false}", "maybe}") + "\n")
-    path, found = check(tmp_path, recipe_text(base, extra="export: {quantization: q8_0}\n        eval: {data: eval.jsonl}"))
+    path, found = check(tmp_path, recipe_text(base, output=tmp_path / "runs",
+                                              extra="export: {quantization: q8_0}\n        eval: {data: eval.jsonl}"))
     [problem] = found.problems
     assert (problem.loc.source, problem.loc.line) == (str(path), 10)
     assert "eval.jsonl:2: not valid JSON" in problem.message and "one JSON object per line" in problem.fix
@@ -83,7 +84,7 @@ def test_an_evaluation_set_with_a_bad_line_fails_before_any_training(tmp_path, b
 
     with pytest.raises(TunebookError, match="eval.jsonl:2: not valid JSON"):  # train, without the preflight
         train_recipe(load_recipe(path))
-    assert not list((tmp_path / "runs").rglob("adapter_model.safetensors"))
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
 
 
 def test_an_output_folder_that_cannot_be_written(tmp_path, base):
