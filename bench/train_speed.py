@@ -146,14 +146,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (rows x row length)")
     parser.add_argument("--rounds", type=int, default=3, help="measured steps per setting (after one warm-up)")
     parser.add_argument("--only", nargs="*", help="settings whose name contains one of these")
-    parser.add_argument("--profile", help="profile one step of the setting whose name contains this")
+    parser.add_argument("--profile", help="profile one step of the setting of this name (or the one whose name contains it)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_speed.json"))
     args = parser.parse_args()
 
     recipe, model_ref, tokenizer, rows = quickstart_rows(args.tokens)
     settings = [s for s in SETTINGS if not args.only or any(o in s.name for o in args.only)]
     if args.profile:
-        settings = [next(s for s in SETTINGS if args.profile in s.name)]
+        exact = [s for s in SETTINGS if s.name == args.profile]
+        settings = exact or [s for s in SETTINGS if args.profile in s.name]
+        if len(settings) != 1:
+            names = "\n  ".join(s.name for s in (settings or SETTINGS))
+            parser.error(f"--profile {args.profile!r} names {'no' if not settings else 'more than one'} setting; "
+                         f"give one of:\n  {names}")
     models = {key: build(model_ref, recipe, tokenizer, *key) for key in sorted({s.model_key for s in settings})}
     optimizers = {key: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
                   for key, m in models.items()}
