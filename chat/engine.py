@@ -79,6 +79,10 @@ class ChatError(Exception):
     exit_code = 2  # the CLI's convention for user errors (runner.errors.TunebookError)
 
 
+class TemplateRefused(ChatError):
+    """The model's chat template refused the conversation (e.g. "roles must alternate")."""
+
+
 @dataclass
 class Sampling:
     """How a reply is drawn. The sampler chain is llama-cpp-python's `Llama.generate` one: repetition
@@ -362,7 +366,10 @@ class ChatEngine:
         return "chatml"
 
     def render(self, messages: list[dict]) -> str:
-        return self._formatter(messages=messages).prompt
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as e:  # noqa: BLE001 - a template's raise_exception() or a Jinja error
+            raise TemplateRefused(f"the model's chat template refused the conversation: {e}") from e
 
     def tokenize_prompt(self, messages: list[dict]) -> list[int]:
         text = self.render(messages)
@@ -378,6 +385,11 @@ class ChatEngine:
         tokens = self.tokenize(text)[: max(0, n_tokens)]
         return self.model.detokenize(tokens).decode("utf-8", "ignore").lstrip()
 
+    def prompt_budget(self, max_tokens: int) -> int:
+        """The most prompt tokens a conversation may take with room kept for `max_tokens` of reply (at most
+        half the window)."""
+        return self.n_ctx - max(1, min(int(max_tokens), self.n_ctx // 2)) - 1
+
     def prepare(self, messages: list[dict], max_tokens: int = 256) -> Prompt:
         """Fit `messages` (system?, user, assistant, ..., user) into the context window.
 
@@ -392,20 +404,30 @@ class ChatEngine:
             raise ChatError("the conversation must end with a user message")
         messages = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
         reply_room = max(1, min(int(max_tokens), self.n_ctx // 2))
-        budget = self.n_ctx - reply_room - 1
+        budget = self.prompt_budget(max_tokens)
 
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
-        dropped = 0
         tokens = self.tokenize_prompt(system + turns)
-        while len(tokens) > budget and len(turns) > 1:
-            # Drop the oldest message; never leave the history starting with an assistant turn.
-            turns = turns[1:]
-            dropped += 1
-            while len(turns) > 1 and turns[0]["role"] != "user":
-                turns = turns[1:]
-                dropped += 1
-            tokens = self.tokenize_prompt(system + turns)
+        dropped = 0
+        if len(tokens) > budget and len(turns) > 1:
+            # Drop the oldest messages, as few as fit; the history never starts with an assistant turn. The
+            # newest user turn alone is the last resort. Fewer messages never render longer, so a binary
+            # search finds the first start that fits in a few renders, however long the history.
+            starts = [i for i in range(1, len(turns)) if turns[i]["role"] == "user"] or [len(turns) - 1]
+            low, high = 0, len(starts) - 1
+            fitting = None
+            while low <= high:
+                middle = (low + high) // 2
+                candidate = self.tokenize_prompt(system + turns[starts[middle]:])
+                if len(candidate) <= budget:
+                    fitting, high = (middle, candidate), middle - 1
+                else:
+                    low = middle + 1
+            start, tokens = fitting if fitting else (len(starts) - 1, None)
+            dropped, turns = starts[start], turns[starts[start]:]
+            if tokens is None:
+                tokens = self.tokenize_prompt(system + turns)
 
         trimmed = False
         if len(tokens) > budget:

@@ -4,12 +4,15 @@ What tools that speak OpenAI's API (the `openai` client, editors, agents) need, 
 its chat template, its system prompt when the request brings none, its end-of-turn stops plus the
 request's `stop` strings. Requests are decoded together with any others in flight (chat/batcher.py).
 A request this server cannot honour (tools, several choices, a conversation longer than the window, bad
-JSON) gets a 400 with OpenAI's error shape, never a 500; a wrong or missing API key gets a 401.
+JSON, text that is no text, a conversation the chat template refuses) gets a 400 with OpenAI's error shape,
+never a 500; a wrong or missing API key a 401; a body larger than any conversation that fits could be a 413;
+a request that finds the queue full a 429. A client that leaves stops its reply, streamed or not.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import threading
 import time
@@ -20,8 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-from chat.engine import ChatEngine, ChatError, Sampling
+from chat.engine import ChatEngine, ChatError, Sampling, TemplateRefused
+
+# Requests waiting for a free sequence, per sequence decoded together: beyond it a request is told to come
+# back later (429) instead of queueing without end.
+WAITING_PER_SEQUENCE = 16
 
 
 class ApiError(Exception):
@@ -108,7 +116,13 @@ def conversation(req: ChatCompletionRequest, system_prompt: str | None) -> list[
         role = "system" if m.role == "developer" else m.role
         if role == "system" and i > 0:
             raise ApiError(400, f"messages[{i}]: a system message is only allowed first", param=f"messages[{i}]")
-        messages.append({"role": role, "content": message_text(m, i)})
+        text = message_text(m, i)
+        try:  # a lone surrogate ("\ud800") is valid JSON but no text the tokenizer can read
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"messages[{i}]: the content holds {e.object[e.start]!r}, half of a UTF-16 pair, "
+                                "which is not a character", param=f"messages[{i}].content") from None
+        messages.append({"role": role, "content": text})
     if messages[0]["role"] != "system" and system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     if messages[-1]["role"] != "user":
@@ -142,6 +156,9 @@ class Server:
         if bad:
             raise ApiError(400, f"logit_bias: token {bad[0]} is not in the vocabulary (0..{self.engine.n_vocab - 1})",
                            param="logit_bias")
+        nan = [t for t, b in bias.items() if math.isnan(b)]
+        if nan:
+            raise ApiError(400, f"logit_bias: the bias of token {nan[0]} is not a number", param="logit_bias")
         return {t: max(-100.0, min(100.0, b)) for t, b in bias.items()}
 
     def start(self, req: ChatCompletionRequest):
@@ -149,15 +166,29 @@ class Server:
         messages = conversation(req, self.system_prompt)
         wanted = req.max_completion_tokens or req.max_tokens
         engine = self.engine
-        try:
+        busy, waiting = engine.batcher.busy()
+        if waiting >= WAITING_PER_SEQUENCE * engine.parallel:
+            raise ApiError(429, f"the server is busy: {waiting} requests are waiting; retry in a moment",
+                           code="rate_limit_exceeded", kind="rate_limit_error")
+
+        def too_long(total: str) -> ApiError:
+            return ApiError(400, f"the conversation is {total} tokens; this model's context window is "
+                                 f"{engine.n_ctx} tokens, with room kept for {wanted or 1} reply tokens",
+                            code="context_length_exceeded", param="messages")
+
+        if len(messages) > engine.n_ctx:  # every message takes at least a token of the template's
+            raise too_long(f"more than {engine.n_ctx}")
+        try:  # the whole conversation, once: a request is never shortened, so it fits or it is refused
+            total = len(engine.tokenize_prompt(messages))
+            if total > engine.prompt_budget(wanted or 1):
+                raise too_long(str(total))
             prompt = engine.prepare(messages, wanted or 1)
+        except TemplateRefused as e:
+            raise ApiError(400, str(e), param="messages") from e
         except ChatError as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from e
         if prompt.dropped_messages or prompt.trimmed_message:
-            total = len(engine.tokenize_prompt(messages))
-            raise ApiError(400, f"the conversation is {total} tokens; this model's context window is "
-                                f"{engine.n_ctx} tokens, with room kept for {wanted or 1} reply tokens",
-                           code="context_length_exceeded", param="messages")
+            raise too_long(str(total))
         room = engine.n_ctx - len(prompt.tokens) - 1
         prompt.max_tokens = min(wanted or room, room)  # no max_tokens: the rest of the window
         return engine.start(prompt, self.sampling(req, prompt.max_tokens))
@@ -192,15 +223,58 @@ def pieces_in_thread(generation):
     return pieces()
 
 
+class BodyLimit:
+    """Refuses a request whose Content-Length is over `limit` bytes before its body is read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                response = JSONResponse(error_body(f"the request body is {int(length):,} bytes; this server takes at "
+                                                   f"most {self.limit:,}"), status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def cancel_on_disconnect(request: Request, generation) -> None:
+    """Stop a reply nobody will read: a client that leaves before a whole (not streamed) reply is ready frees
+    its sequence, or its place in the queue, at once."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            generation.cancel()
+            return
+
+
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="tunebook", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(server: Server):
+    """The ASGI app. A request body beyond what any conversation that fits the window could need (~16 bytes a
+    token, at least 1 MiB) is refused as it arrives (413), before it is read into memory and tokenized: by its
+    Content-Length in OpenAI's error shape (BodyLimit, outside FastAPI's own limit), or by FastAPI as a body
+    sent in chunks grows past it."""
+    limit = max(1 << 20, 16 * server.engine.n_ctx)
+    return BodyLimit(routes(server, limit), limit)
+
+
+def routes(server: Server, body_limit: int) -> FastAPI:
+    app = FastAPI(title="tunebook", docs_url=None, redoc_url=None, openapi_url=None, max_body_size=body_limit)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """404, 405, a body too large or unreadable: OpenAI's error shape too, so clients show the reason."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -242,7 +316,7 @@ def create_app(server: Server) -> FastAPI:
         return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         generation = await asyncio.to_thread(server.start, req)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": server.model_id, "system_fingerprint": None}
@@ -252,12 +326,14 @@ def create_app(server: Server) -> FastAPI:
             return {"prompt_tokens": n_prompt, "completion_tokens": n_reply, "total_tokens": n_prompt + n_reply}
 
         if not req.stream:
+            watch = asyncio.create_task(cancel_on_disconnect(request, generation))
             try:
                 text = "".join([piece async for piece in pieces_in_thread(generation)])
             except ChatError as e:
                 raise ApiError(500, str(e), kind="server_error") from e
             finally:
-                generation.cancel()  # no-op when it has ended; stops it when the client went away
+                watch.cancel()
+                generation.cancel()  # no-op when it has ended
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": FINISH[generation.finish_reason], "logprobs": None}],

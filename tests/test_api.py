@@ -80,6 +80,10 @@ def test_streams_a_chat_completion_with_the_openai_client(tiny_api):
     (b'{"messages": [{"role": "assistant", "content": "hi"}]}', "last message"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -100}}', "vocabulary"),
     (json.dumps({"messages": [{"role": "user", "content": "dog " * 3000}]}).encode(), "context window"),
+    (json.dumps({"messages": [{"role": r, "content": "hello there"} for r in ["user", "assistant"] * 800 + ["user"]]})
+     .encode(), "context window"),  # 1,601 messages: refused without rendering 800 shorter histories
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "half of a UTF-16 pair"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": NaN}}', "not a number"),
 ])
 def test_a_malformed_request_is_a_400_and_the_server_stays_up(tiny_api, body, where):
     import tiny_gguf_models
@@ -92,6 +96,54 @@ def test_a_malformed_request_is_a_400_and_the_server_stays_up(tiny_api, body, wh
     reply = client(url).chat.completions.create(model="m", temperature=0,
                                                 messages=[{"role": "user", "content": tiny_gguf_models.QUESTION}])
     assert reply.choices[0].message.content == tiny_gguf_models.REPLY
+
+
+@pytest.mark.slow
+def test_other_http_errors_have_the_openai_shape_and_a_huge_body_is_refused_as_it_comes(tiny_api):
+    url, proc = tiny_api
+    for method, path, body, status in [("GET", "/nothing", None, 404), ("GET", "/chat/completions", None, 405),
+                                       ("POST", "/chat/completions", b"{" + b" " * (3 << 20) + b"}", 413),
+                                       ("POST", "/chat/completions", b'{"messages": "\xff\xfe"}', 400)]:
+        request = urllib.request.Request(url + path, data=body, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == status
+        error = json.loads(caught.value.read())["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+    assert proc.poll() is None
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_before_a_whole_reply_frees_its_sequence():
+    """A reply that is not streamed is decoded for nobody once its client has gone: Gemma 3 270M with its
+    end-of-turn tokens banned would write 1,500 tokens (a minute here); the client closes after one second."""
+    import socket
+
+    ends = [special_token_id(t) for t in ("<end_of_turn>", "<eos>")]
+    with running_api(ARTIFACTS / "api-disconnect-server.log", gemma_270m_gguf(), "--parallel", "1") as (url, _proc):
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell me about dogs."}], "max_tokens": 1500,
+                           "logit_bias": {str(t): -100 for t in ends}}).encode()
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+            def health() -> dict:
+                with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r:
+                    return json.loads(r.read())
+
+            deadline = time.monotonic() + 60
+            while health()["decoding"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert health()["decoding"] == 1  # the reply is being written
+            time.sleep(1)
+        deadline = time.monotonic() + 30
+        while health()["decoding"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health() == {"status": "ok", "decoding": 0, "waiting": 0}
+        reply = client(url).chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi!"}])
+        assert reply.usage.completion_tokens >= 1  # the sequence serves the next client
 
 
 @pytest.mark.slow

@@ -188,6 +188,54 @@ def test_long_history_drops_oldest_turns_and_keeps_the_system_prompt(engine):
 
 
 @pytest.mark.slow
+def test_a_long_history_is_fitted_in_a_few_renders_as_dropping_one_by_one_would(engine, monkeypatch):
+    """Dropping the oldest message and rendering again, one at a time, costs a render per message: quadratic in
+    the history (800 short messages took ~9 s of CPU). The fit is found by bisection instead, to the same end."""
+    messages = conversation("And what about fleas?", turns=200, words=5)
+    renders = []
+    real = engine.tokenize_prompt
+    monkeypatch.setattr(engine, "tokenize_prompt", lambda m: renders.append(len(m)) or real(m))
+    prompt = engine.prepare(messages, max_tokens=64)
+    assert len(renders) <= 12, renders  # log2(200) and the whole history once
+    monkeypatch.undo()
+    system, turns = messages[:1], messages[1:]
+    budget = engine.prompt_budget(64)
+    start = next(i for i in range(1, len(turns)) if turns[i]["role"] == "user"
+                 and len(engine.tokenize_prompt(system + turns[i:])) <= budget)  # the one-by-one rule's answer
+    assert prompt.dropped_messages == start and prompt.messages == system + turns[start:]
+    assert len(engine.tokenize_prompt(system + turns[start - 2:])) > budget  # one exchange more would not fit
+
+
+@pytest.mark.slow
+def test_a_chat_template_that_refuses_a_conversation_is_a_chat_error(engine, monkeypatch):
+    from chat.engine import TemplateRefused
+    from chat.openai_api import ApiError, ChatCompletionRequest, Server
+
+    def alternate(messages, **_):  # what a template's raise_exception() does
+        raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(engine, "_formatter", alternate)
+    with pytest.raises(TemplateRefused, match="refused the conversation: Conversation roles must alternate"):
+        engine.prepare([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ApiError) as caught:  # `tunebook serve`: a 400 with the template's reason, not a 500
+        Server(engine, "m").start(request)
+    assert caught.value.status == 400 and "roles must alternate" in caught.value.message
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_told_to_come_back_later(engine, monkeypatch):
+    from chat.openai_api import WAITING_PER_SEQUENCE, ApiError, ChatCompletionRequest, Server
+
+    # The queue as it is with WAITING_PER_SEQUENCE requests per sequence waiting (filling it for real takes a
+    # long reply and that many clients): the next request is a 429, not one more in an endless line.
+    monkeypatch.setattr(engine.batcher, "busy", lambda: (engine.parallel, WAITING_PER_SEQUENCE * engine.parallel))
+    with pytest.raises(ApiError) as caught:
+        Server(engine, "m").start(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]))
+    assert caught.value.status == 429 and caught.value.code == "rate_limit_exceeded"
+
+
+@pytest.mark.slow
 def test_over_long_message_is_trimmed_not_a_crash(engine):
     essay = "My rabbit stopped eating hay and sits hunched in a corner. " * 400  # ~5000 tokens
     prompt = engine.prepare(conversation(essay, turns=2), max_tokens=64)
