@@ -14,6 +14,7 @@ from chat.engine import DEFAULT_PARALLEL, ChatEngine, ChatError, chat_defaults, 
 from chat.serve import check_port
 
 ENV_API_KEY = "TUNEBOOK_API_KEY"
+SHUTDOWN_GRACE_S = 10
 
 
 def is_loopback(host: str) -> bool:
@@ -61,8 +62,10 @@ def serve_api(
     engine = ChatEngine(gguf_path, n_ctx=n_ctx, n_threads=n_threads, parallel=parallel)
     try:
         server = Server(engine, model_id or Path(gguf_path).stem, system_prompt, key, chat_defaults(sampling))
+        # On Ctrl-C or SIGTERM, replies in flight get SHUTDOWN_GRACE_S to end, then are cut: a long reply does not
+        # hold a stopping server for minutes.
         config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         if on_ready:
             on_ready(server)
         uvicorn.Server(config).run()

@@ -145,6 +145,29 @@ def test_a_client_that_leaves_before_a_whole_reply_frees_its_sequence():
         reply = client(url).chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi!"}])
         assert reply.usage.completion_tokens >= 1  # the sequence serves the next client
 
+        # a stopping server gives a reply in flight SHUTDOWN_GRACE_S, not the minute it would take to finish
+        from chat.api_server import SHUTDOWN_GRACE_S
+
+        streamed = []
+        stream = client(url).chat.completions.create(model="m", max_tokens=1500, stream=True,
+                                                     logit_bias={str(t): -100 for t in ends},
+                                                     messages=[{"role": "user", "content": "Tell me about dogs."}])
+        def read():
+            try:
+                for chunk in stream:
+                    streamed.append(chunk)
+            except openai.APIError:  # the server went away mid-reply: what this checks
+                pass
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not streamed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert streamed
+        _proc.terminate()
+        _proc.wait(timeout=SHUTDOWN_GRACE_S + 20)
+        assert len(streamed) < 1000  # cut, not finished
+
 
 @pytest.mark.slow
 def test_a_second_client_is_not_blocked_by_a_long_reply():
