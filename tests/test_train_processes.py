@@ -1,9 +1,11 @@
 """Training as a user runs it, in real processes: two CPU ranks through `accelerate launch`, and a run killed
-with SIGKILL after a checkpoint that resumes to the same result as an uninterrupted run."""
+with SIGKILL after a checkpoint that resumes to the same result as an uninterrupted run; resumes from a
+stage's last checkpoint, with `keep: best`, and past a damaged checkpoint."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,3 +171,87 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     step = max(int(c.name.split("-")[1]) for c in checkpoints)
     assert 0 < step < 400
     assert not (tmp_path / "int/runs/i/s/stage.json").exists()
+
+
+def _stage_files(folder: Path) -> tuple[dict, dict]:
+    outcome = json.loads((folder / "stage.json").read_text())
+    return outcome, load_file(folder / "adapter/adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_after_its_last_checkpoint_trains_no_step_more(tmp_path):
+    """Killed (or out of disk) after the checkpoint of the last step and before the adapter was written: the
+    rerun writes the adapter from that checkpoint. Resuming training there took a step past max_steps, which
+    changes the weights under a constant learning rate."""
+    from runner.pipeline import train_recipe
+    from runner.recipe import load_recipe
+
+    recipe = one_stage(tmp_path / "r", "r", micro=2, steps=4, save_steps=2)
+    sets = ["stages.0.train.lr_scheduler=constant"]
+    train_recipe(load_recipe(recipe, sets), log=lambda m: None)
+    stage = tmp_path / "r/runs/r/s"
+    outcome, weights = _stage_files(stage)
+    shutil.rmtree(stage / "adapter")
+    (stage / "stage.json").unlink()
+    logs = []
+    train_recipe(load_recipe(recipe, sets), log=logs.append)
+    assert any("checkpoint-4 is the last step; writing the adapter from it" in m for m in logs), logs
+    again, weights_again = _stage_files(stage)
+    assert again["steps"] == outcome["steps"] == 4
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    for key in weights:
+        assert torch.equal(weights[key], weights_again[key]), key
+
+
+@pytest.mark.slow
+def test_keep_best_after_a_resume_keeps_the_best_of_the_whole_stage(tmp_path):
+    """At a learning rate this high the stage is best early; interrupted after that step's checkpoint, the
+    resumed stage must compare later evaluations with it, not with nothing."""
+    from runner.pipeline import train_recipe
+    from runner.recipe import load_recipe
+
+    recipe = one_stage(tmp_path / "b", "b", micro=2, steps=6, save_steps=2)
+    sets = ["stages.0.train.keep=best", "stages.0.train.learning_rate=0.05", "stages.0.train.eval_steps=1"]
+    train_recipe(load_recipe(recipe, sets), log=lambda m: None)
+    stage = tmp_path / "b/runs/b/s"
+    outcome, weights = _stage_files(stage)
+    assert outcome["best_step"] < 6  # the premise: a later evaluation is worse
+    resume_from = max(s for s in (2, 4) if s >= outcome["best_step"])  # the best is at or before it
+    for step in (4, 6):
+        if step > resume_from:
+            shutil.rmtree(stage / f"checkpoints/checkpoint-{step}", ignore_errors=True)
+    shutil.rmtree(stage / "adapter")
+    (stage / "stage.json").unlink()  # as a Ctrl-C after checkpoint `resume_from` leaves it
+    train_recipe(load_recipe(recipe, sets), log=lambda m: None)
+    again, weights_again = _stage_files(stage)
+    assert (again["best_step"], again["best_eval_ppl"]) == (outcome["best_step"], pytest.approx(outcome["best_eval_ppl"]))
+    for key in weights:
+        assert torch.allclose(weights[key], weights_again[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_damaged_last_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    from runner.pipeline import train_recipe
+    from runner.recipe import load_recipe
+    from runner.train.checkpoints import is_complete_checkpoint, last_checkpoint
+
+    recipe = one_stage(tmp_path / "c", "c", micro=2, steps=4, save_steps=2)
+    train_recipe(load_recipe(recipe), log=lambda m: None)
+    checkpoints = tmp_path / "c/runs/c/s/checkpoints"
+    last = checkpoints / "checkpoint-4"
+    assert is_complete_checkpoint(last)
+    damages = {"adapter cut short": lambda d: _truncate(d / "adapter_model.safetensors"),
+               "state not JSON": lambda d: (d / "trainer_state.json").write_text("garbage"),
+               "optimizer cut short": lambda d: _truncate(d / "optimizer.pt"),
+               "no scheduler": lambda d: (d / "scheduler.pt").unlink()}
+    for what, damage in damages.items():
+        copy = checkpoints / "checkpoint-9"
+        shutil.copytree(last, copy)
+        damage(copy)
+        assert not is_complete_checkpoint(copy), what
+        assert last_checkpoint(checkpoints) == last and not copy.exists(), what  # removed, the one before used
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])

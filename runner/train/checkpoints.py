@@ -1,7 +1,11 @@
 """Trainer checkpoints of a stage (checkpoints/checkpoint-<step>/): which one a rerun resumes from."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 
@@ -18,10 +22,50 @@ OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """trainer_state.json is written last, after every process has written its part."""
-    return (path / "trainer_state.json").is_file() and \
-        any(any(path.glob(pattern)) for pattern in MODEL_FILES) and \
-        any(any(path.glob(pattern)) for pattern in OPTIMIZER_FILES)
+    """trainer_state.json is written last, after every process has written its part; the files a resume reads
+    are there and whole as far as can be told without loading them: the state parses, the adapter's
+    safetensors holds the bytes its header promises, an optimizer or scheduler .pt is a whole zip archive (a
+    cut one has no central directory), and the scheduler is there beside a single-file optimizer (without it
+    the learning-rate schedule would silently start over)."""
+    if not (any(any(path.glob(pattern)) for pattern in MODEL_FILES) and
+            any(any(path.glob(pattern)) for pattern in OPTIMIZER_FILES)):
+        return False
+    try:
+        if not isinstance(json.loads((path / "trainer_state.json").read_text()), dict):
+            return False
+    except (OSError, ValueError):
+        return False
+    if any((path / name).is_file() for name in ("optimizer.pt", "optimizer.bin")) and \
+            not (path / "scheduler.pt").is_file():
+        return False
+    if not all(_whole_safetensors(f) for f in path.glob("adapter_model.safetensors")):
+        return False
+    return all(zipfile.is_zipfile(f) for name in ("optimizer.pt", "scheduler.pt") if (f := path / name).is_file())
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The header parses and the file is as long as its last tensor's end."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    return 8 + length + max(ends, default=0) <= size
+
+
+def finished_at(checkpoint: Path) -> bool:
+    """The checkpoint was saved at the stage's last step: resuming from it must train no step more."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def last_checkpoint(checkpoints: Path, remove_broken: bool = True) -> Path | None:

@@ -20,11 +20,11 @@ from ..model.fast_head import add_fast_lm_head
 from ..model.load import device
 from ..recipe import OPTIMIZERS, Recipe, StageConfig
 from ..run_dir import StageDir, StageOutcome
-from .checkpoints import last_checkpoint, step_of
+from .checkpoints import finished_at, last_checkpoint, step_of
 from .diverged import fail_stage, first_non_finite
 from ..launch import barrier, is_main_process, shards_parameters
 from .gather import adapter_state_dict, save_adapter
-from .metrics import MetricsLog
+from .metrics import MetricsLog, read_metrics
 from .progress import StageProgress
 
 
@@ -237,6 +237,22 @@ def make_trainer(recipe, stage, stage_dir: StageDir, model, tokenizer, data, col
     return trainer
 
 
+def resumed_best(stage_dir: StageDir, step: int) -> tuple[float, int | None]:
+    """(eval loss, step) of the best evaluation up to `step` in metrics.jsonl, the same on every process of a
+    launch (the main process reads; a `keep: best` save is a collective all must agree to make)."""
+    best = (math.inf, None)
+    if is_main_process():
+        for row in read_metrics(stage_dir.metrics):
+            loss = row.get("eval_loss")
+            if isinstance(loss, (int, float)) and row.get("step", 0) <= step and loss < best[0]:
+                best = (float(loss), row["step"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [best]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        best = shared[0]
+    return best
+
+
 def _device_label(world_size: int) -> str:
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     return where + (f" x {world_size} ranks" if world_size > 1 else "")
@@ -268,20 +284,32 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
             trainer.mix_tokens = torch.tensor([float(resumed_mix.get(p.name, 0)) for p in data.mix.parts],
                                               dtype=torch.float64)
         trainer.report.base_seconds = float(metrics.last("seconds"))
+        if checkpoint:  # the best evaluation so far, so `keep: best` compares with it and not with nothing
+            trainer.best_loss, trainer.best_step = resumed_best(stage_dir, resumed_step)
         if shards_parameters() == "fsdp" and not trainer.is_fsdp_enabled and main:
             log(f"stage {stage.name}: accelerate shards with FSDP on GPUs only; on the CPU this launch is data "
                 "parallel (every process holds the whole model)")
         progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step,
                        _device_label(trainer.args.world_size))
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if checkpoint and finished_at(checkpoint):
+                # saved at the last step, then stopped before the adapter was written (Ctrl-C, a full disk):
+                # its weights are the stage's result; trainer.train would take one step more
+                log(f"stage {stage.name}: {checkpoint.name} is the last step; writing the adapter from it")
+                from transformers import TrainerState
+
+                trainer._load_from_checkpoint(str(checkpoint))
+                trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            else:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
             progress.stop()
         steps = trainer.state.global_step
+        last_step = 0 < trainer.state.max_steps <= steps
         if trainer.diverged is not None:
             raise fail_stage(stage_dir, lineage, "hf", *trainer.diverged, dtype=str(model.dtype).split(".")[-1]
                              + (" + bf16 autocast" if autocast_bf16 else ""))
-        if interrupt.requested:
+        if interrupt.requested and not last_step:  # a Ctrl-C during the last step: the stage is whole
             return StageOutcome(stage.name, "interrupted", None, lineage, steps)
         if stage.train.eval_steps and data.val and trainer.best_step != steps and steps % stage.train.eval_steps:
             trainer.evaluate()  # the last step is always evaluated, so `last` and `best` compare fairly
