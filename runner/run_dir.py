@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,29 @@ class StageOutcome:
         return list(self.lineage) + ([self.adapter] if init == "merge" and self.adapter else [])
 
 
+def whole_safetensors(path: Path) -> bool:
+    """The header parses and the file is as long as its last tensor's end."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    return 8 + length + max(ends, default=0) <= size
+
+
+def whole_adapter(folder: Path) -> bool:
+    """A saved adapter a stage can start from: its config, and its weights whole."""
+    weights = folder / "adapter_model.safetensors"
+    return (folder / "adapter_config.json").is_file() and (
+        whole_safetensors(weights) if weights.is_file() else (folder / "adapter_model.bin").is_file())
+
+
 class StageDir:
     """One stage's files: runs/<name>/<stage>@<fingerprint>/ (a version), or runs/<name>/<stage> (the link to
     the current version, or the stage folder of a run made before versions)."""
@@ -120,6 +144,10 @@ class StageDir:
         run = self.path.resolve().parent
         outcome.adapter = _located(outcome.adapter, run)
         outcome.lineage = [_located(p, run) for p in outcome.lineage]
+        if outcome.done and not (outcome.adapter and whole_adapter(Path(outcome.adapter))):
+            # deleted or cut short since (a full disk, a hand edit): not a stage anything may start from
+            outcome.status = "damaged"
+            outcome.error = f"its adapter {outcome.adapter} is missing or damaged"
         return outcome
 
     def save_outcome(self, outcome: StageOutcome) -> None:
@@ -410,6 +438,9 @@ class RunDir:
         """The last stage's outcome; an error when it has not finished."""
         last = recipe.stages[-1].name
         outcome = self.stage(last).outcome()
+        if outcome is not None and outcome.status == "damaged":
+            raise TunebookError(f"stage {last} of {self.path}: {outcome.error}\n"
+                                f"    fix: train it again (tunebook train {self.recipe_file})")
         if outcome is None or not outcome.done:
             raise TunebookError(f"stage {last} of {self.path} has not finished, there is nothing to export yet\n"
                                 f"    fix: finish training first (tunebook train {self.recipe_file})")

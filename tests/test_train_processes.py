@@ -202,6 +202,18 @@ def test_a_stage_stopped_after_its_last_checkpoint_trains_no_step_more(tmp_path)
     for key in weights:
         assert torch.equal(weights[key], weights_again[key]), key
 
+    # an adapter cut short since (a full disk, a hand edit) is no finished stage: said, and made again
+    from runner.errors import TunebookError
+    from runner.run_dir import RunDir
+
+    adapter = stage / "adapter/adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(TunebookError, match="adapter .* is missing or damaged"):
+        RunDir(tmp_path / "r/runs/r").final_outcome(load_recipe(recipe, sets))
+    train_recipe(load_recipe(recipe, sets), log=lambda m: None)
+    for key in weights:
+        assert torch.equal(weights[key], _stage_files(stage)[1][key]), key
+
 
 @pytest.mark.slow
 def test_keep_best_after_a_resume_keeps_the_best_of_the_whole_stage(tmp_path):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 import zipfile
 from pathlib import Path
+
+from ..run_dir import whole_safetensors
 
 
 def step_of(path: Path) -> int:
@@ -38,25 +38,9 @@ def is_complete_checkpoint(path: Path) -> bool:
     if any((path / name).is_file() for name in ("optimizer.pt", "optimizer.bin")) and \
             not (path / "scheduler.pt").is_file():
         return False
-    if not all(_whole_safetensors(f) for f in path.glob("adapter_model.safetensors")):
+    if not all(whole_safetensors(f) for f in path.glob("adapter_model.safetensors")):
         return False
     return all(zipfile.is_zipfile(f) for name in ("optimizer.pt", "scheduler.pt") if (f := path / name).is_file())
-
-
-def _whole_safetensors(path: Path) -> bool:
-    """The header parses and the file is as long as its last tensor's end."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                return False
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
-        return False
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
-            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
-    return 8 + length + max(ends, default=0) <= size
 
 
 def finished_at(checkpoint: Path) -> bool:

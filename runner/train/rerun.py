@@ -82,7 +82,10 @@ def _why(recipe: Recipe, run: RunDir, i: int, fp: Fingerprint, earlier: list[Sta
     if before.get(PREVIOUS) != fp.inputs.get(PREVIOUS) and PREVIOUS in fp.inputs:
         previous = earlier[-1]
         reasons.append(f"stage {previous.name} {'retrains' if previous.action != 'reuse' else 'is another version'}")
-    if not reasons and run.version(name, current).outcome() is None:
+    outcome = run.version(name, current).outcome()
+    if not reasons and outcome is not None and outcome.status == "damaged":
+        return outcome.error
+    if not reasons and outcome is None:
         return "not finished, and no checkpoint to resume from"
     return "; ".join(reasons) or "another version of this stage"
 
