@@ -338,7 +338,8 @@ class RunDir:
                 if outcome is not None and outcome.done:
                     found += [p for p in (version.checkpoints, version.best_adapter) if p.exists()]
                     found += [p for p in version.path.glob("*/output/checkpoint-*")]  # another backend's
-        found += [p for p in self.path.glob(".*") if _leftover(p.name)]
+        for folder in (self.path, self.gate_dir):
+            found += [p for p in folder.glob("*") if _leftover(p.name)] if folder.is_dir() else []
         found += self._stale_gate_parts(set(found))
         return found
 
@@ -579,8 +580,10 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
 
 
 def _leftover(name: str) -> bool:
-    """A temporary name left by an interrupted atomic write or link switch (runner/atomic.py, use_version)."""
-    return bool(re.fullmatch(r"\..+\.(link-\d+|old-\d+|[A-Za-z0-9_]{8})|\.write-test-\d+", name))
+    """A temporary name left by an interrupted atomic write or link switch (runner/atomic.py, use_version), a
+    GGUF write (export/gguf_writer.py, llama_quant.py) or a quantization's source (quantize_source)."""
+    return bool(re.fullmatch(r"\..+\.(link-\d+|old-\d+|[A-Za-z0-9_]{8})|\.write-test-\d+|.+\.tmp-\d+|"
+                             r"\..+\.quantize-source", name))
 
 
 def _canonical(inputs: dict) -> dict:

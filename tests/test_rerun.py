@@ -191,11 +191,16 @@ def test_gc_deletes_what_no_version_needs(edited):
     (abandoned.checkpoints / "checkpoint-1").mkdir(parents=True)
     leftover = run.path / ".report.md.a1b2c3d4"
     leftover.write_text("half")
+    gguf_parts = [run.path / "two-q8_0.gguf.tmp-4242", run.path / ".two-f32.gguf.quantize-source"]
+    (run.gate_dir).mkdir(exist_ok=True)
+    gguf_parts.append(run.gate_dir / "base-q8_0.gguf.tmp-77")  # a killed export or quantization leaves these
+    for part in gguf_parts:
+        part.write_bytes(b"GGUF")
     res = subprocess.run([sys.executable, "-m", "runner.cli", "gc", str(run.path), "--dry-run"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "would free" in res.stdout and abandoned.path.exists()
     paths = run.garbage(["general", "vet"])
-    assert abandoned.path in paths and leftover in paths
+    assert abandoned.path in paths and leftover in paths and all(part in paths for part in gguf_parts)
     assert run.version("general", before["general"]).checkpoints in paths  # finished: resuming needs none
     assert not any(p in paths for p in (run.version("vet", before["vet"]).path, run.version("vet", after["vet"]).path))
     run.remove(paths)
