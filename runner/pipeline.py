@@ -23,8 +23,8 @@ from .train.rerun import adopt_unversioned, select_versions
 from .launch import is_main_process, main_process_first, part
 
 
-def prepare_run_dir(recipe: Recipe, log=print) -> RunDir:
-    """Create the run directory and record the recipe (an edited one too: its stages are new versions)."""
+def open_run_dir(recipe: Recipe) -> RunDir:
+    """The run directory, made and checked writable; nothing in it is written yet."""
     run = RunDir.of(recipe)
     try:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -34,13 +34,18 @@ def prepare_run_dir(recipe: Recipe, log=print) -> RunDir:
     except OSError as exc:
         raise TunebookError(f"output_dir: cannot write to {run.path} ({exc.strerror})\n"
                             "    fix: set output_dir to a folder you can write to (--set output_dir=...)") from None
+    return run
+
+
+def record_recipe(recipe: Recipe, run: RunDir, log=print) -> None:
+    """Record the recipe (an edited one too: its stages are new versions), once everything that can fail
+    cheaply has passed: a rerun that fails on its data or its base leaves the run as the last good one made it."""
     anchored = recipe.anchored()
     resolved = resolved_yaml(anchored)
     if is_main_process():
         adopt_unversioned(run, log)  # stage folders from before versions, while recipe.yaml still describes them
         atomic.write_text(run.recipe_file, resolved)
         atomic.write_text(run.resolved_file, resolved_yaml(anchored, provenance=True))
-    return run
 
 
 def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tuple[dict[str, StageOutcome], list]:
@@ -66,13 +71,10 @@ def stages_to_train(recipe: Recipe, run: RunDir, only_stage: str | None) -> tupl
 def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, export: bool = True) -> list[StageOutcome]:
     """Run the recipe's stages (or one of them), then make what is made from them (without the export and its
     checks when `export` is false); return the outcomes."""
-    from .data.prepare import prepare_stage
     from .measure.gate import load_eval_set
-    from .model.base import load_tokenizer
-    from .model.load import check_fits, check_quantization, model_source, resolve_dtype, trainable_token_ids
-    from .share.track import check_trackers, track
+    from .model.load import check_quantization
+    from .share.track import check_trackers
     from .train.backends import get_backend
-    from .train.protocol import StageJob
 
     started = time.time()
     if only_stage is not None:
@@ -84,7 +86,19 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
     check_quantization(recipe.model)
     if export and recipe.eval is not None and recipe.export is not None:
         load_eval_set(recipe)  # a bad line of the evaluation set fails now, not after the training and the export
-    run = prepare_run_dir(recipe, log)
+    run = open_run_dir(recipe)
+    with run.locked(is_main_process()):  # one `tunebook train` at a time in a run directory
+        return _train_in(recipe, run, only_stage, log, export, backend, started)
+
+
+def _train_in(recipe: Recipe, run: RunDir, only_stage: str | None, log, export: bool, backend,
+              started: float) -> list[StageOutcome]:
+    from .data.prepare import prepare_stage
+    from .model.base import load_tokenizer
+    from .model.load import check_fits, model_source, resolve_dtype, trainable_token_ids
+    from .share.track import track
+    from .train.protocol import StageJob
+
     with main_process_first():
         model_ref = model_source(recipe.model, recipe.base_dir, log)
     check_fits(model_ref, recipe.model, resolve_dtype(recipe.model))
@@ -93,16 +107,18 @@ def train_recipe(recipe: Recipe, only_stage: str | None = None, log=print, expor
         tokenizer.pad_token = tokenizer.eos_token
     trainable_token_ids(recipe.lora, tokenizer)  # a misspelled token fails now, not after the base is loaded
 
+    # Data first, for every stage: a dataset with no trainable token fails before any training, and before the
+    # run records this recipe. Finished stages come from the cache; their validation sets feed the forgetting
+    # matrix.
+    prepared = {}
+    for stage in recipe.stages:
+        if only_stage is None or stage.name == only_stage:
+            with main_process_first():
+                prepared[stage.name] = prepare_stage(recipe, stage, tokenizer, log=log)
+    record_recipe(recipe, run, log)
     with main_process_first():
         select_versions(recipe, run, log)  # each stage's fingerprint: reuse, resume or train
     outcomes, todo = stages_to_train(recipe, run, only_stage)
-    # Data first, for every stage: a dataset with no trainable token fails before any training. Finished
-    # stages come from the cache; their validation sets feed the forgetting matrix.
-    prepared = {}
-    for stage in recipe.stages:
-        if stage in todo or only_stage is None:
-            with main_process_first():
-                prepared[stage.name] = prepare_stage(recipe, stage, tokenizer, log=log)
 
     for stage in todo:
         i = recipe.stages.index(stage)

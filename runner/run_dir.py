@@ -320,6 +320,35 @@ class RunDir:
             target.save_fingerprint(record)
         return target
 
+    @contextmanager
+    def locked(self, hold: bool = True):
+        """This run directory for one writer: a second `tunebook train` of it (another terminal, a sweep beside
+        it) is refused at once instead of interleaving its checkpoints and metrics with the first's. `hold`
+        false (the other processes of a launch) takes no lock. The lock goes with the process: a killed run
+        leaves none behind."""
+        if not hold:
+            yield self
+            return
+        import fcntl
+
+        handle = open(self.path / ".lock", "a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise TunebookError(f"{self.path} is in use by another tunebook train ({holder})\n"
+                                    "    fix: wait for it to end, or train into another run (--set name=... or "
+                                    "--set output_dir=...)") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            yield self
+        finally:
+            handle.close()
+
     def garbage(self, stages: list[str], old_versions: bool = False) -> list[Path]:
         """What no version needs: versions neither finished nor current (abandoned mid-training), the
         checkpoints and best-adapter copies of finished versions (kept for resuming only), leftovers of

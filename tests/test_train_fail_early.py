@@ -72,3 +72,41 @@ def test_data_without_trainable_tokens(tmp_path):
     with pytest.raises(TunebookError) as info:
         train_recipe(recipe_with(tmp_path, str(base), data_rows=rows), log=no_training)
     assert "fix" in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_rerun_that_fails_on_its_data_or_base_leaves_the_finished_run_as_it_was(tmp_path):
+    """The recipe is recorded and the stage links are switched only once the base and the data have passed:
+    a broken edit fails and the run still exports, evaluates and plans as before it."""
+    from runner.run_dir import RunDir
+    from train_support import two_stage_recipe
+
+    path = two_stage_recipe(tmp_path)
+    train_recipe(load_recipe(path), log=lambda m: None)
+    run = RunDir.of(load_recipe(path))
+    recorded, links = run.recipe_file.read_text(), {s: run.current_version(s) for s in ("general", "vet")}
+    good = (tmp_path / "vet.jsonl").read_text()
+    (tmp_path / "vet.jsonl").write_text(good + "{not json\n")
+    with pytest.raises(TunebookError, match="vet.jsonl:33: not valid JSON"):
+        train_recipe(load_recipe(path), log=no_training)
+    (tmp_path / "vet.jsonl").write_text(good)
+    with pytest.raises(TunebookError, match="not found"):
+        train_recipe(load_recipe(path, [f"model.base={tmp_path / 'nope'}"]), log=no_training)
+    assert run.recipe_file.read_text() == recorded
+    assert {s: run.current_version(s) for s in ("general", "vet")} == links
+    assert run.final_outcome(run.load_recipe()).done
+
+
+def test_a_second_train_of_the_same_run_is_refused_while_the_first_runs(tmp_path):
+    from runner.run_dir import RunDir
+
+    base = tiny_base(tmp_path)
+    recipe = recipe_with(tmp_path, str(base))
+    run = RunDir.of(recipe)
+    run.path.mkdir(parents=True)
+    with run.locked():  # as another `tunebook train` of it holds it
+        with pytest.raises(TunebookError, match=r"in use by another tunebook train \(pid \d+\)"):
+            train_recipe(recipe, log=no_training)
+    assert not run.recipe_file.exists()
+    train_recipe(recipe, log=lambda m: None)  # once it has ended
+    assert run.final_outcome(recipe).done
