@@ -120,3 +120,48 @@ def reencode_fix(encoding: str) -> str:
     """How to save a UTF-16/32 file as UTF-8."""
     code = encoding.split(" ")[0] + ("LE" if "little" in encoding else "BE")
     return f"save it as UTF-8 (your editor's 'Save with encoding', or `iconv -f {code} -t UTF-8 FILE > NEW`)"
+
+
+# What the system says when a file cannot be written, and what the user can do about it.
+_WRITE_ERRORS = {28: ("the disk is full", "free space (`tunebook gc RUN` removes what no version needs) or set "
+                      "output_dir on a larger disk"),
+                 122: ("the disk quota is used up", "free space or set output_dir elsewhere"),
+                 27: ("a file grew past the size limit (`ulimit -f`)", "raise the limit (`ulimit -f unlimited`)"),
+                 30: ("the file system is read-only", "set output_dir to a folder you can write to"),
+                 13: ("permission denied", "set output_dir to a folder you can write to, or fix its permissions"),
+                 1: ("operation not permitted", "set output_dir to a folder you can write to, or fix its permissions")}
+
+
+def write_failure(exc: BaseException) -> TunebookError | None:
+    """A failed write (a full disk, a read-only folder, a file size limit) as the user's error, whichever
+    library raised it: an OSError, or the Rust and C++ libraries' own exceptions that carry "os error N" or cut a
+    file short. None for anything else (a bug keeps its traceback)."""
+    import errno as errnos
+    import re
+
+    for e in _chain(exc):
+        text = str(e)
+        if isinstance(e, OSError) and e.errno:
+            code = e.errno
+        elif found := re.search(r"os error (\d+)", text):
+            code = int(found.group(1))
+        else:
+            code = 28 if "No space left on device" in text else None
+        if code in _WRITE_ERRORS:
+            what, fix = _WRITE_ERRORS[code]
+            where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+            return TunebookError(f"cannot write{where}: {what} [{errnos.errorcode.get(code, code)}]\n    fix: {fix}; "
+                                 "then run the same command again: what was finished is kept")
+        if "unexpected pos" in str(e) and "inline_container" in str(e):  # torch.save cut short
+            return TunebookError("cannot write a checkpoint whole: the disk is full or a file size limit was hit\n"
+                                 "    fix: free space or raise the limit; then run the same command again: what was "
+                                 "finished is kept")
+    return None
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

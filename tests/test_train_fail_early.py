@@ -8,7 +8,7 @@ import pytest
 from runner.errors import TunebookError
 from runner.pipeline import train_recipe
 from runner.recipe import load_recipe
-from train_support import chat_data, tiny_base, write_recipe
+from train_support import ROOT, chat_data, tiny_base, write_recipe
 
 
 def recipe_with(tmp_path, base: str, extra_model: str = "", output_dir: str | None = None, data_rows=None):
@@ -110,3 +110,63 @@ def test_a_second_train_of_the_same_run_is_refused_while_the_first_runs(tmp_path
     assert not run.recipe_file.exists()
     train_recipe(recipe, log=lambda m: None)  # once it has ended
     assert run.final_outcome(recipe).done
+
+
+def test_a_failed_write_is_said_whichever_library_wrote():
+    import errno
+
+    from runner.errors import write_failure
+
+    said = {str(write_failure(e)).splitlines()[0] for e in [
+        OSError(errno.ENOSPC, "No space left on device", "/runs/r/s/adapter"),
+        Exception("No space left on device (os error 28)"),  # the tokenizers library, saving
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 71872 vs 71764"),  # torch.save
+        Exception("Error while serializing: IoError(File too large (os error 27))")]}  # safetensors
+    assert said == {"cannot write (/runs/r/s/adapter): the disk is full [ENOSPC]",
+                    "cannot write: the disk is full [ENOSPC]",
+                    "cannot write a checkpoint whole: the disk is full or a file size limit was hit",
+                    "cannot write: a file grew past the size limit (`ulimit -f`) [EFBIG]"}
+    assert write_failure(ValueError("a bug")) is None and write_failure(OSError(errno.ENOENT, "gone")) is None
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_training_is_an_error_and_the_rerun_goes_on(tmp_path):
+    """`ulimit -f` (as a full disk would) stops a checkpoint half-written: a message with the fix, not a
+    traceback; the rerun without the limit finishes the run."""
+    import resource
+    import subprocess
+
+    from train_support import ROOT, two_stage_recipe
+
+    path = two_stage_recipe(tmp_path)
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    limited = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(path)], cwd=ROOT, env=env, text=True,
+                             capture_output=True, timeout=600,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (70_000, 70_000)))
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr and "run the same command again" in limited.stderr
+    assert "cannot write" in limited.stderr, limited.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-m", "runner.cli", "train", str(path)], cwd=ROOT, env=env, text=True,
+                           capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command, says", [("train", "interrupted; what was finished is kept: run the same command "
+                                                     "again to go on"), ("plan", "interrupted")])
+def test_ctrl_c_outside_a_training_step_says_what_to_do(monkeypatch, capfd, command, says):
+    """Ctrl-C while the forgetting matrix, the export or the gate runs (no training step to stop cleanly) comes
+    out of click as Abort: it is said, with how to go on where a rerun goes on."""
+    import runner.cli as cli
+    import runner.pipeline
+    import runner.cli.recipe
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.pipeline, "train_recipe", stop)  # where the Ctrl-C lands does not matter here
+    monkeypatch.setattr(runner.cli.recipe, "rerun_table", stop)
+    monkeypatch.setattr(sys, "argv", ["tunebook", command, str(ROOT / "recipes" / "quickstart.yaml")])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 130
+    assert capfd.readouterr().err.strip().endswith(says)

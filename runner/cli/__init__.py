@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import TunebookError
+from ..errors import TunebookError, write_failure
 
 try:  # typer carries its own copy of click (typer._click) in recent versions
     from typer._click import exceptions as _click_exceptions
@@ -73,9 +73,22 @@ def main() -> None:
     except _click_exceptions.ClickException as exc:  # usage errors: shown as typer shows them, exit status 2
         _show_usage_error(exc)
         sys.exit(exc.exit_code)
-    except typer.Abort:  # Ctrl-C at a prompt
+    except typer.Abort:  # end of input at a prompt
         sys.exit(130)
+    except Exception as exc:  # a full disk or a read-only folder, from whichever library was writing
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        err.print(str(failure), style="red", highlight=False, markup=False)
+        sys.exit(failure.exit_code)
+    if code == 130:  # Ctrl-C outside a training step's own handling: typer makes it Exit(130), silently
+        command = next((a for a in args if not a.startswith("-")), "")
+        err.print("interrupted" + ("" if command in WATCHERS else
+                                   "; what was finished is kept: run the same command again to go on"), style="yellow")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+WATCHERS = ("chat", "serve", "validate", "plan", "gc")  # commands that make nothing a rerun goes on with
 
 
 def _show_usage_error(exc) -> None:
