@@ -51,6 +51,9 @@ def atomic_dir(path: Path):
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
+        for item in tmp.rglob("*"):  # some writers (safetensors) make owner-only files: the umask's modes instead
+            if item.is_file() and not item.is_symlink() and not item.stat().st_mode & 0o077:
+                item.chmod(0o666 & ~_umask())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -26,7 +26,12 @@ def test_files_and_folders_get_the_umask_permissions_of_a_plain_write(tmp_path, 
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
     with atomic.atomic_dir(tmp_path / "adapter") as tmp:
         (tmp / "a.bin").write_bytes(b"1")
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, tmp / "adapter_model.safetensors")  # safetensors writes it owner-only
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o644
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
