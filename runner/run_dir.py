@@ -139,7 +139,8 @@ class StageDir:
         try:
             outcome = StageOutcome(**json.loads(self.outcome_file.read_text()))
         except (ValueError, TypeError) as exc:
-            raise TunebookError(f"{self.outcome_file} is not a stage outcome tunebook can read ({exc})\n"
+            why = exc if isinstance(exc, ValueError) else "fields missing or unknown"
+            raise TunebookError(f"{self.outcome_file} is not a stage outcome tunebook can read ({why})\n"
                                 f"    fix: delete it and rerun `tunebook train` to retrain stage {self.name}") from None
         run = self.path.resolve().parent
         outcome.adapter = _located(outcome.adapter, run)

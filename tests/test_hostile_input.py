@@ -192,10 +192,15 @@ def test_a_damaged_run_folder_is_read_as_far_as_it_holds(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe garbage\n{"step": "x"}\n{"step": 2, "loss": 1.5}\n{"st')
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+    metrics.write_text('{"step": 1, "loss": "abc", "eval_loss": [1], "seconds": 3.5, "mix_tokens": 7}\n')
+    assert read_metrics(metrics) == [{"step": 1, "seconds": 3.5}]  # what is readable of a hand-edited row
     stage = StageDir(tmp_path / "s@abc")
     stage.path.mkdir()
     stage.fingerprint_file.write_text("[1, 2]")
     assert stage.fingerprint() is None
+    stage.outcome_file.write_text("{}")
+    with pytest.raises(TunebookError, match=r"not a stage outcome tunebook can read \(fields missing or unknown\)"):
+        stage.outcome()
 
 
 def test_an_out_path_that_names_the_wrong_thing_is_refused_before_any_work(tmp_path):

@@ -26,8 +26,20 @@ def read_metrics(path: Path) -> list[dict]:
         except (ValueError, RecursionError):
             continue
         if isinstance(row, dict) and isinstance(row.get("step", 0), int):
-            rows.append(row)
+            rows.append({k: v for k, v in row.items() if _fits(k, v)})
     return rows
+
+
+NUMBERS = ("epoch", "loss", "eval_loss", "eval_ppl", "learning_rate", "grad_norm", "tokens_seen", "seconds")
+
+
+def _fits(key: str, value) -> bool:
+    """A field of the kind it is written as (a hand-edited or damaged row keeps what is readable of it)."""
+    if key in NUMBERS:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if key in ("eval_sets", "mix_tokens"):
+        return isinstance(value, dict)
+    return True
 
 
 def _clean(value):
