@@ -100,9 +100,10 @@ def test_a_malformed_request_is_a_400_and_the_server_stays_up(tiny_api, body, wh
 
 @pytest.mark.slow
 def test_other_http_errors_have_the_openai_shape_and_a_huge_body_is_refused_as_it_comes(tiny_api):
+    import socket
+
     url, proc = tiny_api
     for method, path, body, status in [("GET", "/nothing", None, 404), ("GET", "/chat/completions", None, 405),
-                                       ("POST", "/chat/completions", b"{" + b" " * (3 << 20) + b"}", 413),
                                        ("POST", "/chat/completions", b'{"messages": "\xff\xfe"}', 400)]:
         request = urllib.request.Request(url + path, data=body, method=method,
                                          headers={"Content-Type": "application/json"})
@@ -111,6 +112,17 @@ def test_other_http_errors_have_the_openai_shape_and_a_huge_body_is_refused_as_i
         assert caught.value.code == status
         error = json.loads(caught.value.read())["error"]
         assert error["type"] == "invalid_request_error" and error["message"], error
+    # 3 MiB announced: the answer comes from the header alone, before one byte of the body is sent
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 3145728\r\n\r\n")
+        answer = b""
+        while b"}}" not in answer and (chunk := conn.recv(65536)):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert "takes at most 1,048,576" in json.loads(body)["error"]["message"]
     assert proc.poll() is None
 
 
