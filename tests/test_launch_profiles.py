@@ -118,16 +118,25 @@ def test_the_loader_stores_4bit_weights_in_the_compute_dtype_when_the_launch_sha
 
 
 def test_fsdp_checkpoints_count_as_complete(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     layouts = {
-        "plain": ["adapter_model.safetensors", "optimizer.pt"],
-        "fsdp-full": ["adapter_model.safetensors", "pytorch_model_fsdp.bin", "optimizer.bin"],
-        "fsdp-sharded": ["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp"],
+        "plain": ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt"],
+        "fsdp-full": ["adapter_model.safetensors", "pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt"],
+        "fsdp-sharded": ["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp", "scheduler.pt"],
         "no-optimizer": ["pytorch_model_fsdp_0/__0_0.distcp"],
     }
     for name, files in layouts.items():
         for f in files + ["trainer_state.json"]:
-            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name / f).write_text("")
+            path = tmp_path / name / f
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if f.endswith(".safetensors"):
+                save_file({"w": torch.zeros(2)}, path)
+            elif f.endswith(".pt"):
+                torch.save({}, path)
+            else:
+                path.write_text("{}")
     assert {n: is_complete_checkpoint(tmp_path / n) for n in layouts} == {
         "plain": True, "fsdp-full": True, "fsdp-sharded": True, "no-optimizer": False}
     (tmp_path / "fsdp-sharded/trainer_state.json").unlink()  # written last: without it, a save was cut short
