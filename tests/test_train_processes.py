@@ -153,7 +153,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: a scheduler's or a preemption's notice
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     recipe = one_stage(tmp_path / "int", "i", micro=2, steps=400)
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "train", str(recipe)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -162,7 +163,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
     assert "run the same command again" in err and "Traceback" not in err

@@ -22,7 +22,7 @@ from ..recipe import OPTIMIZERS, Recipe, StageConfig
 from ..run_dir import StageDir, StageOutcome
 from .checkpoints import finished_at, last_checkpoint, step_of
 from .diverged import fail_stage, first_non_finite
-from ..launch import barrier, is_main_process, shards_parameters
+from ..launch import barrier, is_main_process, shards_parameters, world_size
 from .gather import adapter_state_dict, save_adapter
 from .metrics import MetricsLog, read_metrics
 from .progress import StageProgress
@@ -75,29 +75,32 @@ def sft_config(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, autocast
 
 
 class Interrupt:
-    """First Ctrl-C: save a checkpoint at the end of the current step and stop. Second: stop now."""
+    """First Ctrl-C: save a checkpoint at the end of the current step and stop. Second: stop now. A single
+    process takes SIGTERM (a scheduler's or a preempted machine's notice) the same way; under a launch the
+    launcher owns SIGTERM (it stops every rank when one fails, and a checkpoint then waits on a dead rank)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGINT)
-
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
 
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if world_size() == 1 else [])
         try:
-            signal.signal(signal.SIGINT, handler)
+            for sig in signals:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, handler)
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
