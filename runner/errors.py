@@ -150,9 +150,10 @@ def write_failure(exc: BaseException) -> TunebookError | None:
         if code in _WRITE_ERRORS:
             what, fix = _WRITE_ERRORS[code]
             where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-            return TunebookError(f"cannot write{where}: {what} [{errnos.errorcode.get(code, code)}]\n    fix: {fix}; "
+            verb = "cannot access" if code in (1, 13) else "cannot write"  # permissions: a read may be the one
+            return TunebookError(f"{verb}{where}: {what} [{errnos.errorcode.get(code, code)}]\n    fix: {fix}; "
                                  "then run the same command again: what was finished is kept")
-        if "unexpected pos" in str(e) and "inline_container" in str(e):  # torch.save cut short
+        if "unexpected pos" in text and "inline_container" in text:  # torch.save cut short
             return TunebookError("cannot write a checkpoint whole: the disk is full or a file size limit was hit\n"
                                  "    fix: free space or raise the limit; then run the same command again: what was "
                                  "finished is kept")

@@ -295,7 +295,7 @@ def train_stage(recipe: Recipe, stage: StageConfig, stage_dir: StageDir, model, 
         progress.start(trainer.args.max_steps if trainer.args.max_steps > 0 else None, resumed_step,
                        _device_label(trainer.args.world_size))
         try:
-            if checkpoint and finished_at(checkpoint):
+            if checkpoint and finished_at(checkpoint) and not trainer.is_fsdp_enabled:  # FSDP loads inside train()
                 # saved at the last step, then stopped before the adapter was written (Ctrl-C, a full disk):
                 # its weights are the stage's result; trainer.train would take one step more
                 log(f"stage {stage.name}: {checkpoint.name} is the last step; writing the adapter from it")
